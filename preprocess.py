@@ -1,0 +1,258 @@
+"""Crop every photo to the face, remove the background, and pack the crops for training.
+
+    python preprocess.py --data DATA --out WORK/crops --size 256 --preview 16
+
+For each train and eval image: MTCNN finds the face on a downscaled copy, a square with a
+margin (chin, mask, hair) is cut and resized to --size, rembg's u2netp replaces the
+background by a neutral colour, and the crop is saved as a PNG that records its box. Writes
+
+    WORK/crops/train/<person_id>/<shot>.png, WORK/crops/eval/<name>.png   the crops
+    WORK/crops/train_u8.npy, eval_u8.npy    packed uint8 (N, size, size, 3), rows in index order
+    WORK/crops/train.csv, eval.csv          index: image_id, person_id, file, labels, face_found, box
+    WORK/crops/report.csv                   every bad file, row and folder, and what was done with it
+    WORK/crops/preview.png                  with --preview N: originals beside their crops
+
+Parallel over --workers processes; a rerun after an interruption keeps the finished crops.
+2-core CPU: the 11,200 images of the utkmask bench in about 13 minutes (bench/preprocess_bench.py).
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common import (
+    NEUTRAL,
+    DataError,
+    atomic_path,
+    background_remover,
+    face_detector,
+    load_rgb,
+    prepare_face,
+    read_eval,
+    read_train,
+    run_main,
+    save_csv,
+)
+
+HERE = Path(__file__).resolve().parent
+
+# ---- knobs -----------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data", default="DATA", help="data folder in the competition layout (train/ and eval/)")
+parser.add_argument("--out", default="WORK/crops", help="output folder")
+parser.add_argument("--size", type=int, default=256, help="side of the square crops, pixels")
+parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (1: run in this process)")
+parser.add_argument("--bg", choices=["rembg", "none"], default="rembg", help="remove the background, or keep it")
+parser.add_argument("--bg-model", default="u2netp", help="rembg model name; its .onnx must be in U2NET_HOME")
+parser.add_argument("--bg-size", type=int, default=192, help="u2net input side (0: rembg's own, any model)")
+parser.add_argument("--bg-context", type=float, default=0.25, help="border the segmenter sees around a crop")
+parser.add_argument("--margin", type=float, default=0.6, help="crop side = (1 + margin) x the face box's longer side")
+parser.add_argument("--detect-size", type=int, default=128, help="longest side of the copy the detector sees")
+parser.add_argument("--min-conf", type=float, default=0.9, help="detections below this confidence count as no face")
+parser.add_argument("--on-bad", choices=["skip", "fail"], default="skip", help="bad input: report and skip, or stop")
+parser.add_argument("--relabel", default=str(HERE / "relabel.csv"), help="label fixes CSV, or 'none'")
+parser.add_argument("--preview", type=int, default=0, help="write preview.png with N originals beside their crops")
+parser.add_argument("--splits", nargs="+", choices=["train", "eval"], default=["train", "eval"], help="what to do")
+
+# what a crop depends on: a crop made with other settings is redone, not reused
+CROP_SETTINGS = ("size", "bg", "bg_model", "bg_size", "bg_context", "margin", "detect_size", "min_conf")
+
+
+# ---- the work on one image (runs in the worker processes) ---------------------------
+worker = {}
+
+
+def init_worker(settings):
+    import torch
+
+    torch.set_num_threads(1)  # one thread per process: processes scale better than threads here
+    worker["settings"] = settings
+    worker["detector"] = face_detector()
+    worker["bg_alpha"] = (
+        background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
+    )
+
+
+def process(job):
+    """(row, source, dest) -> (row, crop or None, info). The PNG is the unit of work:
+    written atomically with its info inside, so a rerun can take it as finished."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    row, source, dest = job
+    s = worker["settings"]
+    rgb, err = load_rgb(source)
+    if err:
+        return row, None, dict(error=err)
+    crop, info = prepare_face(
+        rgb,
+        worker["detector"],
+        worker["bg_alpha"],
+        s["size"],
+        s["margin"],
+        s["detect_size"],
+        s["min_conf"],
+        s["bg_context"],
+    )
+    meta = PngInfo()
+    meta.add_text("maskcls", json.dumps(dict(info, settings=s)))
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        Image.fromarray(crop).save(tmp, format="PNG", pnginfo=meta)
+    return row, crop, info
+
+
+def finished_crop(dest, settings):
+    """Info of a crop made earlier with the same settings, else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(dest) as im:
+            meta = json.loads(im.text.get("maskcls", "{}"))
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("settings") == settings else None
+
+
+def crop_split(split, table, out, settings, workers, problems):
+    """Crop every image of one split; returns the index with crop info (rows in cache order)."""
+    from PIL import Image
+
+    table = table.reset_index(drop=True)
+    if split == "train":
+        table["file"] = [f"train/{pid}/{shot}.png" for pid, shot in zip(table["person_id"], table["shot"])]
+    else:
+        table["file"] = ["eval/" + Path(i).stem + ".png" for i in table["image_id"]]
+    size = settings["size"]
+    cache_path = out / f"{split}_u8.npy"
+    info = [None] * len(table)
+    with atomic_path(cache_path) as tmp:
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(table), size, size, 3))
+        todo = []
+        for row, file in enumerate(table["file"]):
+            done = finished_crop(out / file, settings)
+            if done:
+                info[row] = done
+                with Image.open(out / file) as im:
+                    cache[row] = np.asarray(im.convert("RGB"))
+            else:
+                todo.append((row, table.at[row, "source"], str(out / file)))
+        if len(todo) < len(table):
+            print(f"{split}: {len(table) - len(todo)} crops already done, {len(todo)} to go")
+        bar = tqdm(total=len(todo), desc=f"crop {split}", unit="img", smoothing=0.05)
+        if workers > 1 and len(todo) > 1:
+            pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(settings,))
+            results = pool.imap_unordered(process, todo, chunksize=4)
+        else:
+            pool = None
+            init_worker(settings)
+            results = map(process, todo)
+        try:
+            for row, crop, row_info in results:
+                if crop is None:
+                    where = table.at[row, "source"]
+                    problems.add("bad_image", where, row_info["error"])  # raises with --on-bad fail
+                    if split == "eval":  # the submission needs a row: predict from a blank crop
+                        crop, row_info = np.full((size, size, 3), NEUTRAL, np.uint8), dict(face_found=False)
+                    row_info["bad"] = True
+                info[row] = row_info
+                if crop is not None:
+                    cache[row] = crop
+                bar.update()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+        cache.flush()
+        del cache
+        bad = np.array([bool(i.get("bad")) for i in info])
+        if split == "train" and bad.any():  # drop the rows that have no crop, in the cache too
+            keep = np.flatnonzero(~bad)
+            full = np.load(tmp, mmap_mode="r")
+            with atomic_path(tmp) as tmp2:
+                np.save(tmp2, np.ascontiguousarray(full[keep]))
+            del full
+            table, info = table.iloc[keep].reset_index(drop=True), [info[i] for i in keep]
+    table["face_found"] = [bool(i.get("face_found")) for i in info]
+    table["face_conf"] = [i.get("face_conf", 0.0) for i in info]
+    table["box"] = [i.get("box", "") for i in info]
+    if split == "eval":
+        table["bad"] = [bool(i.get("bad")) for i in info]
+    return table
+
+
+def preview(out, table, n, seed=0):
+    """Contact sheet: n random originals (face square drawn in) beside their crops."""
+    from PIL import Image, ImageDraw
+
+    rows = table.sample(n=min(n, len(table)), random_state=seed)
+    cell, cols = 160, 4
+    sheet = Image.new("RGB", (cols * 2 * cell, -(-len(rows) // cols) * cell), (255, 255, 255))
+    for k, (_, r) in enumerate(rows.iterrows()):
+        with Image.open(r["source"]) as im:
+            original = im.convert("RGB")
+        scale = cell / max(original.size)
+        x0, y0, x1, y1 = (float(v) * scale for v in r["box"].split()) if r["box"] else (0, 0, 0, 0)
+        original = original.resize((round(original.width * scale), round(original.height * scale)))
+        d = ImageDraw.Draw(original)
+        d.rectangle([x0, y0, x1, y1], outline=(0, 255, 0) if r["face_found"] else (255, 0, 0), width=2)
+        with Image.open(out / r["file"]) as im:
+            crop = im.convert("RGB").resize((cell, cell))
+        x, y = (k % cols) * 2 * cell, (k // cols) * cell
+        sheet.paste(original, (x + (cell - original.width) // 2, y + (cell - original.height) // 2))
+        sheet.paste(crop, (x + cell, y))
+    with atomic_path(out / "preview.png") as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def main():
+    args = parser.parse_args()
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in CROP_SETTINGS}
+    relabel = None if args.relabel == "none" else args.relabel
+    if relabel and not Path(relabel).is_file():
+        raise DataError(f"--relabel {relabel}: file not found")
+    if args.bg == "rembg":
+        background_remover(args.bg_model, args.bg_size)  # fails here, once, on a missing model
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.tmp*"):  # half-written files of a killed run: never renamed, never used
+        stale.unlink()
+
+    # ---- read the data layout ----
+    tables, reports = {}, []
+    if "train" in args.splits:
+        tables["train"], train_problems, changes = read_train(args.data, args.on_bad, relabel)
+        reports.append(train_problems)
+        print(f"train: {tables['train']['person_id'].nunique()} persons, {len(tables['train'])} images")
+        print(f"relabel: {len(changes)} fixes applied" + "".join(f"\n  {c}" for c in changes))
+    if "eval" in args.splits:
+        tables["eval"], eval_problems = read_eval(args.data, args.on_bad)
+        reports.append(eval_problems)
+        print(f"eval: {len(tables['eval'])} images")
+    problems = reports[0]
+    for p in reports[1:]:
+        problems.rows += p.rows
+
+    # ---- crop (train first; eval.csv is written last, so its presence means all is done) ----
+    try:
+        for split, table in tables.items():
+            index = crop_split(split, table, out, settings, args.workers, problems)
+            found = index["face_found"].mean() if len(index) else 0
+            print(f"{split}: faces found in {found:.1%}; {(~index['face_found']).sum()} fallback crops")
+            save_csv(index, out / f"{split}.csv")
+            tables[split] = index
+    finally:
+        save_csv(problems.frame(), out / "report.csv")
+    print(f"report: {problems.summary()} (details in {out / 'report.csv'})")
+    if args.preview and "train" in tables:
+        preview(out, tables["train"], args.preview)
+        print(f"wrote {out / 'preview.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main)
