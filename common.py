@@ -446,7 +446,8 @@ def rembg_home():
 
 
 def background_remover(model="u2netp", size=192, threads=1):
-    """Returns alpha(rgb) -> float32 map in [0, 1] of the foreground, same height and width.
+    """Returns alpha(rgb) -> uint8 map (255 = foreground), same height and width; alpha.size is
+    the input side it works at.
 
     size > 0: the u2net family (u2netp, u2net, u2net_human_seg, silueta) run at size x size
     through a copy of the ONNX graph with free input dimensions; u2netp at 192 costs a third of
@@ -473,7 +474,12 @@ def background_remover(model="u2netp", size=192, threads=1):
     opts.log_severity_level = 3
     if size == 0:
         session = new_session(model, sess_opts=opts, providers=["CPUExecutionProvider"])
-        return lambda rgb: np.asarray(session.predict(Image.fromarray(rgb))[0], np.float32) / 255
+
+        def native(rgb):
+            return np.asarray(session.predict(Image.fromarray(rgb))[0])
+
+        native.size = 320  # rembg resizes to its own input anyway
+        return native
     if not model.startswith(("u2net", "silueta")):
         raise DataError(f"--bg-model {model}: only the u2net family runs at --bg-size N; use --bg-size 0")
     import onnx
@@ -493,8 +499,9 @@ def background_remover(model="u2netp", size=192, threads=1):
         x = (x / max(x.max(), 1e-6) - mean) / std
         pred = session.run(None, {input_name: x.transpose(2, 0, 1)[None]})[0][0, 0]
         pred = (pred - pred.min()) / max(pred.max() - pred.min(), 1e-6)
-        return np.asarray(Image.fromarray(pred).resize(rgb.shape[1::-1], Image.BILINEAR))
+        return np.asarray(Image.fromarray((pred * 255).astype(np.uint8)).resize(rgb.shape[1::-1], Image.BILINEAR))
 
+    alpha.size = size  # the side to hand it images at: no resize on the way in
     return alpha
 
 
@@ -511,9 +518,11 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
     crop = crop_square(rgb, box, size)
     if bg_alpha is not None:
         pad = bg_context * (box[2] - box[0])
-        context = crop_square(rgb, box + np.array([-pad, -pad, pad, pad]), round(size * (1 + 2 * bg_context)))
-        inner = round(size * bg_context)
-        a = bg_alpha(context)[inner : inner + size, inner : inner + size, None]
+        context = crop_square(rgb, box + np.array([-pad, -pad, pad, pad]), bg_alpha.size)
+        a = bg_alpha(context)
+        inner = bg_alpha.size * bg_context / (1 + 2 * bg_context)
+        a = crop_square(a[..., None].repeat(3, -1), [inner, inner, bg_alpha.size - inner, bg_alpha.size - inner], size)
+        a = a[..., :1].astype(np.float32) / 255
         crop = (crop * a + np.array(NEUTRAL, np.float32) * (1 - a)).round().astype(np.uint8)
     info = dict(face_found=bool(found), face_conf=round(conf, 4), box=" ".join(str(int(round(v))) for v in box))
     return crop, info
@@ -522,6 +531,10 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
 # ---- atomic writes ---------------------------------------------------------------
 # Every artifact is written to a temporary name in the same folder and renamed, so an
 # interrupted stage never leaves a file that make (or a rerun) takes for finished.
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path`; renames it to `path` if the block succeeds."""
@@ -531,6 +544,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; finished files get the usual rights
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -103,7 +103,7 @@ def process(job):
     meta.add_text("maskcls", json.dumps(dict(info, settings=s)))
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
-        Image.fromarray(crop).save(tmp, format="PNG", pnginfo=meta)
+        Image.fromarray(crop).save(tmp, format="PNG", pnginfo=meta, compress_level=1)  # fast; size is not the point
     return row, crop, info
 
 
@@ -119,7 +119,7 @@ def finished_crop(dest, settings):
     return meta if meta.get("settings") == settings else None
 
 
-def crop_split(split, table, out, settings, workers, problems):
+def crop_split(split, table, out, settings, pool, problems):
     """Crop every image of one split; returns the index with crop info (rows in cache order)."""
     from PIL import Image
 
@@ -145,13 +145,7 @@ def crop_split(split, table, out, settings, workers, problems):
         if len(todo) < len(table):
             print(f"{split}: {len(table) - len(todo)} crops already done, {len(todo)} to go")
         bar = tqdm(total=len(todo), desc=f"crop {split}", unit="img", smoothing=0.05)
-        if workers > 1 and len(todo) > 1:
-            pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(settings,))
-            results = pool.imap_unordered(process, todo, chunksize=4)
-        else:
-            pool = None
-            init_worker(settings)
-            results = map(process, todo)
+        results = pool.imap_unordered(process, todo, chunksize=4) if pool else map(process, todo)
         try:
             for row, crop, row_info in results:
                 if crop is None:
@@ -166,8 +160,6 @@ def crop_split(split, table, out, settings, workers, problems):
                 bar.update()
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
         cache.flush()
         del cache
         bad = np.array([bool(i.get("bad")) for i in info])
@@ -239,15 +231,22 @@ def main():
         problems.rows += p.rows
 
     # ---- crop (train first; eval.csv is written last, so its presence means all is done) ----
+    if args.workers > 1:  # one pool for both splits: each worker loads the models once
+        pool = mp.get_context("spawn").Pool(args.workers, initializer=init_worker, initargs=(settings,))
+    else:
+        pool = None
+        init_worker(settings)
     try:
         for split, table in tables.items():
-            index = crop_split(split, table, out, settings, args.workers, problems)
+            index = crop_split(split, table, out, settings, pool, problems)
             found = index["face_found"].mean() if len(index) else 0
             print(f"{split}: faces found in {found:.1%}; {(~index['face_found']).sum()} fallback crops")
             save_csv(index, out / f"{split}.csv")
             tables[split] = index
     finally:
         save_csv(problems.frame(), out / "report.csv")
+        if pool is not None:
+            pool.terminate()
     print(f"report: {problems.summary()} (details in {out / 'report.csv'})")
     if args.preview and "train" in tables:
         preview(out, tables["train"], args.preview)
