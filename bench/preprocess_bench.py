@@ -87,4 +87,5 @@ print(f"naive sequential : {naive:6.2f} img/s")
 print(f"preprocess.py    : {ours:6.2f} img/s  (workers: all cores)")
 print(f"ratio            : {ours / naive:6.2f}x  (start-up {startup_s:.1f} s included)")
 print(f"steady state     : {steady:6.2f} img/s, {steady / naive:.2f}x naive (start-up taken out)")
-print(f"whole set ({total} images): ours {(startup_s + total / steady) / 60:.1f} min; naive {total / naive / 60:.1f} min")
+ours_min, naive_min = (startup_s + total / steady) / 60, total / naive / 60
+print(f"whole set ({total} images): ours {ours_min:.1f} min; naive {naive_min:.1f} min")

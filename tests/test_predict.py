@@ -1,0 +1,203 @@
+"""inference.py and ensemble.py through their command lines, on hand-made logits and tiny runs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import last_line, run
+
+from common import save_logprobs, split_class
+
+
+def views_from_probs(p18):
+    """Both views from 18-class probabilities (tasks are marginals)."""
+    grid = p18.reshape(-1, 3, 2, 3)
+    return dict(label=np.log(p18), mask=np.log(grid.sum((2, 3))), gender=np.log(grid.sum((1, 3))),
+                age=np.log(grid.sum((1, 2))))  # fmt: skip
+
+
+def make_member(folder, test_ids, test_p, oof_ids, oof_p, oof_labels):
+    folder.mkdir(parents=True)
+    save_logprobs(folder / "test_logits.npz", test_ids, views_from_probs(test_p))
+    save_logprobs(folder / "fold0" / "oof.npz", oof_ids, views_from_probs(oof_p), oof_labels)
+    return folder
+
+
+def random_probs(rng, n):
+    p = rng.random((n, 18)) ** 4
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.fixture
+def members(tmp_path):
+    rng = np.random.default_rng(0)
+    test_ids = [f"t{i}.jpg" for i in range(40)]
+    oof_ids = [f"{p:06d}/mask{k}" for p in range(30) for k in range(1, 3)]
+    labels = rng.integers(0, 18, len(oof_ids))
+    out = []
+    for name in ("a", "b"):
+        oof_p = random_probs(rng, len(oof_ids))
+        oof_p[np.arange(len(labels)), labels] += 0.3 if name == "a" else 0.1  # a is the better member
+        oof_p /= oof_p.sum(1, keepdims=True)
+        out.append(make_member(tmp_path / name, test_ids, random_probs(rng, 40), oof_ids, oof_p, labels))
+    return out
+
+
+def report(path):
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def test_f1_weights_sum_to_one_and_soft_vote_matches_hand_computation(members, tmp_path):
+    out = tmp_path / "sub.csv"
+    run("ensemble.py", "--runs", *members, "--weights", "f1", "--out", out)
+    rep = report(out)
+    w = np.array([m["weight"] for m in rep["members"]])
+    f1 = np.array([m["oof_macro_f1"] for m in rep["members"]])
+    assert abs(w.sum() - 1) < 1e-3 and np.allclose(w, f1 / f1.sum(), atol=1e-3) and w[0] > w[1]
+    # by hand: weighted mean of the members' probabilities, argmax
+    a, b = (np.load(m / "test_logits.npz") for m in members)
+    wa, wb = f1 / f1.sum()
+    expected = (wa * np.exp(a["logp_label"]) + wb * np.exp(b["logp_label"])).argmax(1)
+    sub = pd.read_csv(out)
+    assert sub["ImageID"].tolist() == list(a["image_id"]) and sub["ans"].tolist() == expected.tolist()
+
+
+def test_ensemble_of_a_model_with_itself_is_the_model(members, tmp_path):
+    out = tmp_path / "sub.csv"
+    run("ensemble.py", "--runs", members[0], members[0], "--weights", "equal", "--out", out)
+    alone = np.load(members[0] / "test_logits.npz")
+    assert pd.read_csv(out)["ans"].tolist() == alone["logp_label"].argmax(1).tolist()
+    rep = report(out)
+    assert rep["ensemble_oof_macro_f1"] == rep["members"][0]["oof_macro_f1"]
+
+
+def test_hard_vote_ties_break_deterministically(tmp_path):
+    # two members, equal weight, disagreeing on every image: the tie goes to the higher summed probability
+    ids = ["x.jpg", "y.jpg"]
+    p1, p2 = np.full((2, 18), 0.01), np.full((2, 18), 0.01)
+    p1[:, 3], p2[:, 7] = 0.6, 0.5
+    p1, p2 = p1 / p1.sum(1, keepdims=True), p2 / p2.sum(1, keepdims=True)
+    for name, p in (("a", p1), ("b", p2)):
+        (tmp_path / name).mkdir()
+        save_logprobs(tmp_path / name / "test_logits.npz", ids, views_from_probs(p))
+    results = set()
+    for order in ((tmp_path / "a", tmp_path / "b"), (tmp_path / "b", tmp_path / "a")):
+        out = tmp_path / f"{order[0].name}.csv"
+        run("ensemble.py", "--runs", *order, "--weights", "0.5,0.5", "--method", "hard", "--out", out)
+        results.add(tuple(pd.read_csv(out)["ans"]))
+    assert results == {(3, 3)}
+
+
+def test_member_with_missing_ids_fails_clearly(members, tmp_path):
+    z = dict(np.load(members[1] / "test_logits.npz"))
+    save_logprobs(members[1] / "test_logits.npz", z["image_id"][:-1], {k[5:]: v[:-1] for k, v in z.items()
+                                                                        if k.startswith("logp_")})  # fmt: skip
+    proc = run("ensemble.py", "--runs", *members, "--out", tmp_path / "s.csv", check=False)
+    assert proc.returncode == 2 and "member b" in last_line(proc.stderr) and "t39.jpg" in last_line(proc.stderr)
+
+
+def test_answers_score_line_and_adjust_report(members, tmp_path):
+    ids = list(np.load(members[0] / "test_logits.npz")["image_id"])
+    answers = tmp_path / "answers.csv"
+    pd.DataFrame(dict(ImageID=ids, ans=np.arange(len(ids)) % 18, extra=1)).to_csv(answers, index=False)
+    out = tmp_path / "sub.csv"
+    proc = run("ensemble.py", "--runs", *members, "--weights", "opt", "--adjust", "--out", out, "--answers", answers)
+    assert last_line(proc.stdout).startswith("macro_f1=") and "gender_f1=" in last_line(proc.stdout)
+    rep = report(out)
+    assert {"oof_f1_without", "oof_f1_with_cross_validated", "applied"} <= set(rep["adjust"])
+    assert "opt_note" in rep and set(rep["test_members"]) == {"a", "b"}
+
+
+def test_bad_weights_are_refused(members, tmp_path):
+    proc = run("ensemble.py", "--runs", *members, "--weights", "1,2,3", "--out", tmp_path / "s.csv", check=False)
+    assert proc.returncode == 2 and "need 2" in last_line(proc.stderr)
+
+
+# ---- inference on a tiny trained run ----
+@pytest.fixture(scope="module")
+def tiny_run(demo_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("infer")
+    run("preprocess.py", "--data", demo_data, "--out", work / "crops", "--workers", 1, "--size", 48)
+    run("split.py", "--crops", work / "crops", "--folds", 3, "--out", work / "folds.csv")
+    for fold in (0, 1):
+        run("train_multi.py", "--crops", work / "crops", "--folds", work / "folds.csv", "--fold", fold, "--out",
+            work / "run", "--backbone", "test_efficientnet", "--pretrained", "none", "--img-size", 32,
+            "--batch-size", 16, "--epochs", 1, "--threads", 1)  # fmt: skip
+    return work
+
+
+def test_inference_averages_folds_writes_submission_and_scores(tiny_run, demo_data):
+    proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--answers",
+               demo_data / "eval" / "answers.csv", "--tta", "flip+shift", "--embed")  # fmt: skip
+    assert "2 model(s) (fold0, fold1)" in proc.stdout
+    info = pd.read_csv(demo_data / "eval" / "info.csv")
+    sub = pd.read_csv(tiny_run / "run" / "submission.csv")
+    assert sub["ImageID"].tolist() == info["ImageID"].tolist() and sub["ans"].between(0, 17).all()
+    logits = np.load(tiny_run / "run" / "test_logits.npz")
+    assert logits["logp_label"].shape == (len(info), 18) and logits["logp_mask"].shape == (len(info), 3)
+    assert (sub["ans"].to_numpy() == logits["logp_label"].argmax(1)).all()
+    line = last_line(proc.stdout)
+    assert line.startswith("macro_f1=") and all(k in line for k in ("acc=", "mask_f1=", "gender_f1=", "age_f1="))
+    scores = json.loads((tiny_run / "run" / "scores.json").read_text())
+    assert f"macro_f1={scores['macro_f1']:.4f}" in line and len(scores["per_class"]) == 18
+    assert (tiny_run / "run" / "test_confusion.png").is_file() and (tiny_run / "run" / "embed.png").is_file()
+
+
+def test_inference_on_single_photos(tiny_run, demo_data):
+    photo = sorted((demo_data / "eval" / "images").iterdir())[0]
+    proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--image", photo)
+    assert "class" in last_line(proc.stdout) and "mask" in last_line(proc.stdout) and "age" in last_line(proc.stdout)
+
+
+def test_answers_missing_ids_fail_clearly(tiny_run, tmp_path):
+    bad = tmp_path / "answers.csv"
+    bad.write_text("ImageID,ans\nnot_there.jpg,3\n")
+    proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--answers", bad,
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "no answer for" in last_line(proc.stderr)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "pickled_code", "other_size"])
+def test_bad_checkpoints_are_refused_with_one_line(tiny_run, tmp_path, damage):
+    import shutil
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run_dir)
+    best = run_dir / "fold0" / "best.pt"
+    if damage == "truncated":
+        best.write_bytes(best.read_bytes()[:1000])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, best)
+    elif damage == "pickled_code":
+        torch.save({"model": Exploit(tmp_path / "pwned"), "config": {}}, best)
+    else:  # a checkpoint trained at another image size: the config says 48 while fold1 says 32
+        state = torch.load(best, weights_only=True)
+        state["config"]["img_size"] = 48
+        torch.save(state, best)
+    proc = run("inference.py", "--run", run_dir, "--crops", tiny_run / "crops", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(run_dir) in last_line(proc.stderr)
+    assert not (tmp_path / "pwned").exists()
+
+
+class Exploit:
+    """Pickles to a call of os.system: weights_only=True must refuse to run it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_split_class_matches_views():
+    p = np.random.default_rng(1).random((5, 18))
+    p /= p.sum(1, keepdims=True)
+    v = views_from_probs(p)
+    m, g, a = split_class(p.argmax(1))
+    assert (np.exp(v["mask"])[np.arange(5), m] > 0).all() and g.max() <= 1 and a.max() <= 2

@@ -1,0 +1,264 @@
+"""The trainers on tiny generated data with a tiny timm model, through their real entry points."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, last_line, run
+
+from common import (
+    TASKS,
+    DataError,
+    build_model,
+    create_backbone,
+    focal_loss,
+    load_checkpoint,
+    machine,
+    make_loss,
+    soft_f1_loss,
+)
+
+TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--img-size", 32, "--batch-size", 16,
+        "--eval-batch-size", 64, "--threads", 1]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def crops(demo_data, tmp_path_factory):
+    """The demo data cropped (no background removal: speed) and split, as the pipeline does."""
+    work = tmp_path_factory.mktemp("work")
+    run("preprocess.py", "--data", demo_data, "--out", work / "crops", "--workers", 1, "--size", 48, "--bg", "none")
+    run("split.py", "--crops", work / "crops", "--folds", 3, "--out", work / "folds.csv")
+    return work
+
+
+def train(script, crops, out, *extra, check=True):
+    return run(script, "--crops", crops / "crops", "--folds", crops / "folds.csv", "--out", out, *TINY, *extra,
+               check=check)  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["train_single.py", "train_multi.py", "train_coord.py"])
+def test_each_trainer_writes_everything(crops, tmp_path, script):
+    out = tmp_path / "run"
+    proc = train(script, crops, out, "--fold", 1, "--epochs", 1, "--age-regression", 0.2)
+    fold = out / "fold1"
+    for name in ("best.pt", "last.pt", "log.csv", "metrics.json", "oof.npz", "curves.png", "confusion.png"):
+        assert (fold / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["backbone"] == "test_efficientnet"
+    log = pd.read_csv(fold / "log.csv")
+    assert list(log["epoch"]) == [0] and {"train_loss", "val_f1", "val_age_f1", "img_per_s", "lr"} <= set(log.columns)
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert 0 <= metrics["val_macro_f1"] <= 1 and metrics["peak_memory_mb"] > 0
+    folds = pd.read_csv(crops / "folds.csv", dtype={"person_id": str})
+    with np.load(fold / "oof.npz") as oof:
+        val_persons = set(folds.loc[folds["fold"] == 1, "person_id"])
+        assert {str(i).split("/")[0] for i in oof["image_id"]} == val_persons
+        assert oof["logp_label"].shape == (len(oof["image_id"]), 18) and oof["logp_age"].shape[1] == 3
+        for task in ("mask", "gender", "age"):  # both views are probability distributions
+            assert np.allclose(np.exp(oof[f"logp_{task}"]).sum(1), 1, atol=1e-3)
+        assert np.allclose(np.exp(oof["logp_label"]).sum(1), 1, atol=1e-3)
+    state = load_checkpoint(fold / "best.pt")  # weights_only=True inside
+    assert state["config"]["img_size"] == 32
+    assert "val f1" in proc.stdout
+
+
+def test_resume_after_kill_equals_uninterrupted(crops, tmp_path):
+    args = ["--fold", 0, "--epochs", 3, "--deterministic", "--ema", 0.9, "--cutmix", 0.5, "--img-size", 48]
+    train("train_multi.py", crops, tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "train_multi.py"), "--crops", str(crops / "crops"), "--folds",
+           str(crops / "folds.csv"), "--out", str(out), *map(str, TINY), *map(str, args)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "fold0" / "log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and len(pd.read_csv(log)) >= 1):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(pd.read_csv(log)) < 3, "finished before it could be interrupted"
+    resumed = train("train_multi.py", crops, out, *args, "--resume")
+    assert "resumed after epoch" in resumed.stdout
+    a, b = load_checkpoint(tmp_path / "whole" / "fold0" / "last.pt"), load_checkpoint(out / "fold0" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_resume_with_changed_flags_starts_over(crops, tmp_path):
+    train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 1)
+    proc = train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 1, "--lr", 0.01, "--resume")
+    assert "made with other settings (lr)" in proc.stdout
+
+
+def test_torchrun_two_processes_match_one(crops, tmp_path):
+    args = ["--fold", 0, "--epochs", 1, "--deterministic", "--precision", "fp32", "--head-dropout", 0]
+    train("train_single.py", crops, tmp_path / "one", *args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(REPO / "train_single.py"), "--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"),
+           "--out", str(tmp_path / "two"), *map(str, TINY), *map(str, args)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "fold0" / "metrics.json").read_text())["world"] == 2
+    a = load_checkpoint(tmp_path / "one" / "fold0" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "fold0" / "last.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3), k
+
+
+# ---- coordinate updates ----
+def tiny_model(age_backbone=None):
+    args = Namespace(backbone="test_efficientnet", pretrained="none", head_dropout=0.0, dropout_samples=1)
+    env = machine(torch.device("cpu"), "fp32", "off")
+    model, _, _ = build_model(args, dict(TASKS), env, age_backbone)
+    return model.train(), env
+
+
+def coord_parts(model, env):
+    from common import make_optimizer, param_groups
+    from train_coord import coord_step
+
+    opt_args = Namespace(opt="sgd", lr=0.5, weight_decay=0.0, momentum=0.9, backbone_lr_mult=1.0)
+    optimizers = {t: make_optimizer(param_groups(*model.params_of([t]), opt_args), opt_args) for t in TASKS}
+    counts = {t: torch.ones(n) for t, n in TASKS.items()}
+    loss_args = Namespace(label_smoothing=0.0, ldam_margin=0.5, focal_gamma=2.0, focal_alpha=1.0)
+    losses_of = {t: (1.0, make_loss("ce", counts[t], loss_args)) for t in TASKS}
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y = {"mask": torch.randint(0, 3, (8,)), "gender": torch.randint(0, 2, (8,)), "age": torch.randint(0, 3, (8,))}
+    heads_of = {t: [t] for t in TASKS}
+    step = lambda order: coord_step(model, x, y, None, order, heads_of, losses_of, optimizers, env)  # noqa: E731
+    return step, x, y, losses_of
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_mask_step_leaves_other_heads_bit_identical():
+    model, env = tiny_model()
+    step, *_ = coord_parts(model, env)
+    before = {h: snapshot(model.heads[h]) for h in TASKS}
+    backbone_before = snapshot(model.backbones["shared"])
+    step(["mask"])
+    for h in ("gender", "age"):
+        assert all(torch.equal(before[h][k], v) for k, v in model.heads[h].state_dict().items()), h
+    assert not all(torch.equal(before["mask"][k], v) for k, v in model.heads["mask"].state_dict().items())
+    assert not all(torch.equal(backbone_before[k], v) for k, v in model.backbones["shared"].state_dict().items())
+
+
+def test_gender_loss_is_computed_on_the_updated_backbone():
+    import copy
+
+    model, env = tiny_model()
+    twin = copy.deepcopy(model)
+    step, x, y, losses_of = coord_parts(model, env)
+    twin_step, *_ = coord_parts(twin, env)
+    with torch.no_grad():
+        stale = losses_of["gender"][1](twin(x, heads=["gender"])["gender"], y["gender"])
+    results = step(["mask", "gender"])
+    twin_step(["mask"])  # the same mask step on the twin, then its gender loss by hand
+    with torch.no_grad():
+        fresh = losses_of["gender"][1](twin(x, heads=["gender"])["gender"], y["gender"])
+    assert torch.allclose(results["gender"][0], fresh, atol=1e-6)
+    assert not torch.allclose(results["gender"][0], stale, atol=1e-6)
+
+
+def test_own_age_backbone_is_not_run_for_other_tasks():
+    model, _ = tiny_model(age_backbone="test_efficientnet")
+    calls = {"shared": 0, "age": 0}
+    for name in calls:
+        model.backbones[name].register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    model(torch.randn(2, 3, 32, 32), heads=["mask"])
+    model(torch.randn(2, 3, 32, 32), heads=["age"])
+    assert calls == {"shared": 1, "age": 1}
+
+
+# ---- losses ----
+def loss_args(**kw):
+    return Namespace(**(dict(label_smoothing=0.1, ldam_margin=0.5, focal_gamma=2.0, focal_alpha=1.0) | kw))
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    torch.manual_seed(0)
+    z, y = torch.randn(32, 18), torch.randint(0, 18, (32,))
+    assert torch.allclose(focal_loss(z, y, gamma=0.0), torch.nn.functional.cross_entropy(z, y), atol=1e-6)
+    assert focal_loss(z, y, gamma=2.0) < torch.nn.functional.cross_entropy(z, y)
+
+
+def test_soft_f1_loss_has_gradients_and_rewards_right_answers():
+    y = torch.tensor([0, 1, 2, 0])
+    z = torch.zeros(4, 3, requires_grad=True)
+    soft_f1_loss(z, y).backward()
+    assert z.grad.abs().sum() > 0
+    assert soft_f1_loss(torch.eye(3)[y] * 10, y) < 0.01 < soft_f1_loss(torch.eye(3)[(y + 1) % 3] * 10, y)
+
+
+@pytest.mark.parametrize("spec", ["ce", "wce", "ls", "focal", "f1", "ldam", "sce", "0.7*focal+0.3*f1"])
+def test_every_loss_is_finite_and_differentiable(spec):
+    counts = torch.tensor([100, 10, 1])
+    fn = make_loss(spec, counts, loss_args())
+    z = torch.randn(16, 3, requires_grad=True)
+    loss = fn(z, torch.randint(0, 3, (16,)))
+    loss.backward()
+    assert torch.isfinite(loss) and z.grad.abs().sum() > 0
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(DataError, match="unknown term 'dice'"):
+        make_loss("ce+dice", torch.ones(3), loss_args())
+
+
+# ---- pretrained weights from the registry packages, proved on real photos ----
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
+                                  "mobilenetv2_100"])  # fmt: skip
+def test_offline_imagenet_weights_name_real_photos(name):
+    from PIL import Image
+    from skimage import data
+
+    model = create_backbone(name, "auto", num_classes=1000).eval()
+    cfg = model.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+
+    def top5(rgb):
+        side = min(rgb.shape[:2])
+        img = Image.fromarray(rgb).crop((0, 0, side, side)) if rgb.shape[0] == rgb.shape[1] else Image.fromarray(rgb)
+        x = torch.from_numpy(np.asarray(img.resize((224, 224)), np.float32) / 255).permute(2, 0, 1)
+        with torch.no_grad():
+            return model(((x - mean) / std)[None])[0].topk(5).indices.tolist()
+
+    cat = top5(data.chelsea())
+    assert cat[0] in range(281, 286), cat  # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert 967 in top5(data.coffee())[:2]  # espresso
+
+
+def test_unknown_and_hub_only_backbones_are_one_line(crops, tmp_path):
+    proc = train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 1, "--backbone", "efficientnet_b9",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2 and "not a timm model" in last_line(proc.stderr) and "Traceback" not in proc.stderr
+    args = ["--fold", 0, "--epochs", 1, "--backbone", "resnet18", "--pretrained", "auto"]
+    proc = run("train_single.py", "--crops", crops / "crops", "--folds", crops / "folds.csv", "--out", tmp_path,
+               *args, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "work offline" not in proc.stderr
+    assert "tf_efficientnet_lite0" in last_line(proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_fold_out_of_range_is_one_line(crops, tmp_path):
+    proc = train("train_single.py", crops, tmp_path, "--fold", 7, "--epochs", 1, check=False)
+    assert proc.returncode == 2 and "--fold 7" in last_line(proc.stderr) and "0..2" in last_line(proc.stderr)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops, tmp_path):
+    train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2)
+    good = (tmp_path / "fold0" / "best.pt").read_bytes()
+    proc = train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 3, "--lr", "1e30", "--resume",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2 and "at epoch" in last_line(proc.stderr) and "step" in last_line(proc.stderr)
+    assert (tmp_path / "fold0" / "best.pt").read_bytes() == good
