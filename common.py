@@ -1108,7 +1108,14 @@ def build_model(args, head_sizes, env, age_backbone=None, age_hidden=0):
 def wrap_distributed(model, env, find_unused=False):
     if not env.distributed:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    if env.device.type == "cuda":  # batch statistics of the global batch, so N processes = one
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # PyTorch's SyncBatchNorm needs a GPU: on CPU each process normalises with its own share's
+        # statistics, so results differ from one process by that (GroupNorm/LayerNorm models match)
+        print0(env, "note: on CPU, BatchNorm statistics are per process (SyncBatchNorm needs a GPU)")
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
