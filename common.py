@@ -1364,25 +1364,19 @@ def plot_confusions(views, true, path, title=""):
     from sklearn.metrics import ConfusionMatrixDisplay
 
     pred = views["label"].argmax(-1)
-    fig = plt.figure(figsize=(16, 6.5))
-    ax = fig.add_subplot(1, 2, 1)
+    fig = plt.figure(figsize=(12, 7))
+    ax = fig.add_axes([0.05, 0.08, 0.55, 0.84])
     ConfusionMatrixDisplay.from_predictions(
         true["label"], pred, labels=range(18), ax=ax, colorbar=False, text_kw={"fontsize": 6}
     )
     ax.set_title(f"{title} 18 classes (row: true)")
     names = dict(mask=MASK_STATES, gender=GENDERS, age=AGE_BANDS)
     for k, t in enumerate(("mask", "gender", "age")):
-        ax = fig.add_subplot(3, 4, 3 + 4 * k)
-        task_pred = split_class(pred)[k]
+        ax = fig.add_axes([0.70, 0.70 - 0.31 * k, 0.26, 0.22])
         ConfusionMatrixDisplay.from_predictions(
-            true[t],
-            task_pred,
-            labels=range(TASKS[t]),
-            display_labels=names[t],
-            ax=ax,
-            colorbar=False,
-            text_kw={"fontsize": 7},
-        )
+            true[t], split_class(pred)[k], labels=range(TASKS[t]), display_labels=names[t], ax=ax,
+            colorbar=False, text_kw={"fontsize": 7},
+        )  # fmt: skip
         ax.set_title(t, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("")
