@@ -114,8 +114,15 @@ WORK/demo/data/eval/answers.csv: | $(STAMP)
 demo: WORK/demo/data/eval/answers.csv
 	$(MAKE) all DATA=WORK/demo/data WORK=WORK/demo PRESET=demo
 
+BENCH_DATA ?= ../shared/bench/utkmask
+BENCH_WORK ?= WORK/bench
 bench: $(STAMP)
-	$(PY) bench/preprocess_bench.py
+	$(MAKE) $(BENCH_WORK)/crops/eval.csv DATA=$(BENCH_DATA) WORK=$(BENCH_WORK)
+	$(PY) bench/preprocess_bench.py --data $(BENCH_DATA)
+	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 128
+	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 224 --batch-size 32
+	$(PY) bench/coord_bench.py --img-size 128
+	$(PY) bench/infer_bench.py --crops $(BENCH_WORK)/crops --img-size 128
 
 clean:
 	rm -rf WORK

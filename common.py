@@ -1084,12 +1084,13 @@ class Net(nn.Module):
         ]
 
 
-def build_model(args, head_sizes, env, age_backbone=None, age_hidden=0):
-    """head_sizes: {head: outputs}. Heads named age* read `age_backbone` when given."""
+def build_model(args, head_sizes, env, own=None, age_hidden=0):
+    """head_sizes: {head: outputs}. own: {task: backbone name} for tasks with a backbone of their own
+    (heads named age* go with the age task); the rest read the shared backbone."""
+    own = {t: name for t, name in (own or {}).items() if name}
     backbones = {"shared": create_backbone(args.backbone, args.pretrained)}
-    if age_backbone:
-        backbones["age"] = create_backbone(age_backbone, args.pretrained)
-    uses = {h: "age" if age_backbone and h.startswith("age") else "shared" for h in head_sizes}
+    backbones |= {t: create_backbone(name, args.pretrained) for t, name in own.items()}
+    uses = {h: next((t for t in own if h.startswith(t)), "shared") for h in head_sizes}
     heads = {
         h: Head(
             backbones[uses[h]].num_features, n, args.head_dropout, args.dropout_samples, age_hidden if h == "age" else 0
@@ -1103,6 +1104,11 @@ def build_model(args, head_sizes, env, age_backbone=None, age_hidden=0):
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=env.device)
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=env.device)
     return model, mean, std
+
+
+def own_backbones(args):
+    """{task: backbone} from --age-backbone / --gender-backbone (absent in older configs)."""
+    return {t: getattr(args, f"{t}_backbone", None) for t in ("gender", "age")}
 
 
 def wrap_distributed(model, env, find_unused=False):

@@ -32,6 +32,7 @@ from common import (
     load_rgb,
     machine,
     normalise,
+    own_backbones,
     plot_confusions,
     predict,
     prepare_face,
@@ -79,8 +80,7 @@ def load_models(run, env, use_folds="all"):
         for key, value in weights.items():
             if key.startswith("heads.") and key.endswith(".weight"):
                 head_sizes[key.split(".")[1]] = value.shape[0]
-        model, mean, std = build_model(cfg, head_sizes, env, getattr(cfg, "age_backbone", None),
-                                       getattr(cfg, "age_hidden", 0))  # fmt: skip
+        model, mean, std = build_model(cfg, head_sizes, env, own_backbones(cfg), getattr(cfg, "age_hidden", 0))
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:

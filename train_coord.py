@@ -5,8 +5,9 @@
 
 Per batch, for each task in --task-order: forward with the current weights (only the backbone
 that task reads), backward that task's loss alone, step that task's optimizer (the parameters it
-uses, with momentum of its own). The next task's loss is computed on the updated weights. With
---age-backbone the age task has a backbone of its own and costs one forward, not three.
+uses, with momentum of its own). The next task's loss is computed on the updated weights. So a
+step costs up to three forwards; with --gender-backbone and --age-backbone no two tasks share
+parameters and it costs what a weighted-sum step does (bench/coord_bench.py).
 The team that proposed it reported validation macro F1 0.5876 (weighted sum) -> 0.6696 (this).
 Outputs as train_single.py.
 """
@@ -36,6 +37,7 @@ from common import (
     mix_batch,
     mixed,
     model_to_validate,
+    own_backbones,
     param_groups,
     print0,
     resume_fold,
@@ -57,7 +59,8 @@ g.add_argument("--mask-loss", default=None, help="loss of the mask head (default
 g.add_argument("--gender-loss", default=None, help="loss of the gender head (default: --loss)")
 g.add_argument("--age-loss", default=None, help="loss of the age head (default: --loss)")
 g.add_argument("--age-hidden", type=int, default=0, help="hidden units of a deeper age head (0: linear)")
-g.add_argument("--age-backbone", default=None, help="a second backbone for the age head alone")
+g.add_argument("--age-backbone", default=None, help="a backbone of its own for the age head")
+g.add_argument("--gender-backbone", default=None, help="a backbone of its own for the gender head")
 
 
 def task_heads(args):
@@ -95,7 +98,7 @@ def train_fold(args, env, fold):
     # ---- model: one optimizer (and scheduler) per task, over the parameters that task uses ----
     torch.manual_seed(args.seed)
     heads = dict(TASKS) | ({"age_reg": 1} if args.age_regression else {})
-    model, mean, std = build_model(args, heads, env, args.age_backbone, args.age_hidden)
+    model, mean, std = build_model(args, heads, env, own_backbones(args), args.age_hidden)
     heads_of = task_heads(args)
     optimizers = {t: make_optimizer(param_groups(*model.params_of(heads_of[t]), args), args) for t in TASKS}
     schedulers = {t: make_scheduler(optimizers[t], args, data.steps_per_epoch) for t in TASKS}

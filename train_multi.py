@@ -33,6 +33,7 @@ from common import (
     mix_batch,
     mixed,
     model_to_validate,
+    own_backbones,
     param_groups,
     print0,
     resume_fold,
@@ -53,7 +54,8 @@ g.add_argument("--mask-loss", default=None, help="loss of the mask head (default
 g.add_argument("--gender-loss", default=None, help="loss of the gender head (default: --loss)")
 g.add_argument("--age-loss", default=None, help="loss of the age head (default: --loss)")
 g.add_argument("--age-hidden", type=int, default=0, help="hidden units of a deeper age head (0: linear)")
-g.add_argument("--age-backbone", default=None, help="a second backbone for the age head alone")
+g.add_argument("--age-backbone", default=None, help="a backbone of its own for the age head")
+g.add_argument("--gender-backbone", default=None, help="a backbone of its own for the gender head")
 
 
 def task_losses(args, data):
@@ -74,7 +76,7 @@ def train_fold(args, env, fold):
     # ---- model ----
     torch.manual_seed(args.seed)
     heads = dict(TASKS) | ({"age_reg": 1} if args.age_regression else {})
-    model, mean, std = build_model(args, heads, env, args.age_backbone, args.age_hidden)
+    model, mean, std = build_model(args, heads, env, own_backbones(args), args.age_hidden)
     optimizers = {"all": make_optimizer(param_groups(*model.params_of(list(heads)), args), args)}
     schedulers = {"all": make_scheduler(optimizers["all"], args, data.steps_per_epoch)}
     ema = make_ema(model, args)

@@ -119,7 +119,7 @@ def test_torchrun_two_processes_match_one(crops, tmp_path):
 def tiny_model(age_backbone=None):
     args = Namespace(backbone="test_efficientnet", pretrained="none", head_dropout=0.0, dropout_samples=1)
     env = machine(torch.device("cpu"), "fp32", "off")
-    model, _, _ = build_model(args, dict(TASKS), env, age_backbone)
+    model, _, _ = build_model(args, dict(TASKS), env, {"age": age_backbone})
     return model.train(), env
 
 

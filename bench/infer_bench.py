@@ -1,0 +1,53 @@
+"""Inference speed: eval images per second with and without test-time augmentation, one run.
+
+    python bench/infer_bench.py --crops WORK/bench/crops [--run WORK/bench/runs/single]
+
+Uses inference.py's model loading (the run's first fold) and prediction; without --run, an
+ImageNet-initialised --backbone with an 18-way head (speed does not depend on the weights).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import build_model, load_crops, machine, predict  # noqa: E402
+from inference import load_models  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--run", default=None, help="a trained run (default: --backbone, untrained head)")
+parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+parser.add_argument("--img-size", type=int, default=128)
+parser.add_argument("--crops", default="WORK/bench/crops")
+parser.add_argument("--images", type=int, default=512, help="eval images timed per way")
+parser.add_argument("--rounds", type=int, default=3)
+args = parser.parse_args()
+
+env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+if args.run:
+    name, model, mean, std, cfg = load_models(args.run, env)[0]
+else:
+    cfg = Namespace(backbone=args.backbone, pretrained="auto", head_dropout=0.0, dropout_samples=1,
+                    img_size=args.img_size)  # fmt: skip
+    name, (model, mean, std) = "untrained head", build_model(cfg, {"label": 18}, env)
+index, cache = load_crops(args.crops, "eval", cfg.img_size)
+images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+rows = torch.arange(min(args.images, len(index)))
+rates = {t: [] for t in ("none", "flip", "flip+shift")}
+for r in range(args.rounds):
+    for tta in rates:
+        t = time.perf_counter()
+        predict(model, images, rows, env, mean, std, 256, tta)
+        rates[tta].append(len(rows) / (time.perf_counter() - t))
+    print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()), flush=True)
+med = {k: statistics.median(v) for k, v in rates.items()}
+print(f"\n{args.run or args.backbone} ({name}, {cfg.backbone} at {cfg.img_size} px), {env.device} {env.precision}:")
+for tta, v in med.items():
+    print(f"tta {tta:10s} {v:7.0f} img/s  ({v / med['none']:.2f}x no TTA)")

@@ -1,0 +1,158 @@
+"""Training speed: our engine against a seed-style loop and against compute alone, in one run.
+
+    python bench/train_bench.py --crops WORK/bench/crops --backbone tf_efficientnet_lite0 --img-size 128
+
+(a) ours: batches gathered from the packed uint8 cache, augmented on the device, bf16 autocast +
+    channels_last where the machine has bf16 (as train_*.py do);
+(b) seed-style: a Dataset that opens each crop PNG and applies torchvision PIL transforms per
+    sample, a DataLoader with worker processes, fp32, no channels_last;
+(c) compute only: (a)'s model stepping on one batch already in memory.
+They run in alternation (rounds), so a busy machine slows all three alike; medians are printed,
+with the ratios (a)/(b) and (a)/(c), and the data paths alone (no model): batches/s of our cache
++ device augmentation against the seed-style DataLoader.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import build_model, load_crops, machine, make_batch, make_optimizer, param_groups, task_targets  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--crops", default="WORK/bench/crops")
+parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+parser.add_argument("--img-size", type=int, default=128)
+parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--steps", type=int, default=6, help="timed steps per way per round")
+parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style loop")
+args = parser.parse_args()
+
+index, cache = load_crops(args.crops, "train", args.img_size)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+env = machine(device)
+cfg = Namespace(backbone=args.backbone, pretrained="auto", head_dropout=0.2, dropout_samples=1, opt="adamw", lr=1e-3,
+                weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, flip=0.5, color=0.2, ssr=0.08, erase=0.25,
+                old_mixup=0.0)  # fmt: skip
+images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+if device.type == "cuda":
+    images = images.to(device)
+data = Namespace(images=images, targets=task_targets(index), old_pool={})
+gen = torch.Generator().manual_seed(0)
+
+
+def new_model(fast):
+    e = env if fast else machine(device, "fp32", "off")
+    model, mean, std = build_model(cfg, {"label": 18}, e)
+    opt = make_optimizer(param_groups(*model.params_of(["label"]), cfg), cfg)
+    return e, model.train(), opt, mean, std
+
+
+def step(e, model, opt, x, y):
+    with e.autocast():
+        loss = F.cross_entropy(model(x)["label"].float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+# ---- (b) the seed-style data path -----------------------------------------------------
+from PIL import Image  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+
+class FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files, labels, size):
+        self.files, self.labels = files, labels
+        self.tf = T.Compose([T.Resize(size), T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2),
+                             T.RandomAffine(14, (0.08, 0.08), (0.92, 1.08)), T.ToTensor(),
+                             T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])  # fmt: skip
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as im:
+            return self.tf(im.convert("RGB")), self.labels[i]
+
+
+files = [str(Path(args.crops) / f) for f in index["file"]]
+dataset = FileDataset(files, data.targets["label"], args.img_size)
+loader = torch.utils.data.DataLoader(
+    dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.loader_workers, drop_last=True,
+    persistent_workers=True, pin_memory=device.type == "cuda",
+)  # fmt: skip
+seed_batches = iter(loader)
+
+
+def seed_batch():
+    global seed_batches
+    try:
+        return next(seed_batches)
+    except StopIteration:
+        seed_batches = iter(loader)
+        return next(seed_batches)
+
+
+def our_batch(mean, std):
+    rows = torch.randint(0, len(index), (args.batch_size,), generator=gen)
+    return make_batch(data, rows, cfg, env, gen, mean, std, args.batch_size)
+
+
+fast, slow = new_model(True), new_model(False)
+fixed_x, fixed_y = our_batch(fast[3], fast[4])
+
+
+def timed(fn):
+    fn()  # warm-up step
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch_size / (time.perf_counter() - t)
+
+
+def a_ours():
+    x, y = our_batch(fast[3], fast[4])
+    step(*fast[:3], x, y["label"])
+
+
+def b_seed():
+    x, y = seed_batch()
+    step(*slow[:3], x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+
+def c_compute():
+    step(*fast[:3], fixed_x, fixed_y["label"])
+
+
+ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, data_ours=lambda: our_batch(fast[3], fast[4]),
+            data_seed=seed_batch)  # fmt: skip
+results = {k: [] for k in ways}
+for r in range(args.rounds):
+    for k, fn in ways.items():
+        results[k].append(timed(fn))
+    print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
+med = {k: statistics.median(v) for k, v in results.items()}
+print(
+    f"\n{args.backbone} at {args.img_size} px, batch {args.batch_size}, {device}, ours in {env.precision}"
+    f"{' + channels_last' if env.channels_last else ''}; seed-style fp32 with {args.loader_workers} loader workers"
+)
+print(f"(a) ours               {med['a_ours']:7.1f} img/s")
+print(f"(b) seed-style loop    {med['b_seed']:7.1f} img/s")
+print(f"(c) compute only       {med['c_compute']:7.1f} img/s")
+print(f"(a)/(b) = {med['a_ours'] / med['b_seed']:.2f}x   (a)/(c) = {med['a_ours'] / med['c_compute']:.2f}")
+print(f"data path alone: ours {med['data_ours']:.0f} img/s, seed DataLoader {med['data_seed']:.0f} img/s, "
+      f"{med['data_ours'] / med['data_seed']:.1f}x")  # fmt: skip
