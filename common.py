@@ -892,7 +892,7 @@ def make_batch(data, rows, args, env, gen, mean, std, global_size):
     x_u8 = data.images[rows.to(data.images.device)] if data.images.device.type == "cuda" else data.images[rows]
     if args.old_mixup > 0:  # blend rare old persons with another of their class: new faces, same label
         labels = data.targets["label"][rows]
-        for i in torch.flatnonzero((r["old"] < args.old_mixup) & (data.targets["age"][rows] == 2)).tolist():
+        for i in torch.nonzero((r["old"] < args.old_mixup) & (data.targets["age"][rows] == 2)).flatten().tolist():
             pool = data.old_pool[int(labels[i])]
             j = pool[int(r["b"][i] * len(pool)) % len(pool)]
             lam = 0.5 + 0.4 * float(r["c"][i])
@@ -1443,11 +1443,16 @@ class Tracker:
         if env.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             if args.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise DataError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
                 self.board = SummaryWriter(self.dir / "tb")
             if args.wandb:
-                import wandb
+                try:
+                    import wandb
+                except ImportError:
+                    raise DataError("--wandb needs the wandb package (pip install wandb; wandb login)") from None
 
                 wandb.init(project="maskcls", name=f"{env.out.name}-fold{fold}", config=vars(args), reinit=True)
 

@@ -264,3 +264,32 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops
                  check=False)  # fmt: skip
     assert proc.returncode == 2 and "at epoch" in last_line(proc.stderr) and "step" in last_line(proc.stderr)
     assert (tmp_path / "fold0" / "best.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("train_single.py", ["--sampler", "weighted", "--opt", "sgd", "--sched", "cosine", "--swa-start", 1,
+                             "--cutmix", 1.0, "--cutmix-vertical", "--loss", "0.5*focal+0.5*f1"]),
+        ("train_multi.py", ["--sampler", "person", "--opt", "madgrad", "--sched", "step", "--mixup", 1.0,
+                            "--old-mixup", 1.0, "--old-age", 58, "--drop-ages", "28-29", "--age-hidden", 16,
+                            "--dropout-samples", 4, "--age-loss", "ldam", "--gender-loss", "sce"]),
+        ("train_coord.py", ["--opt", "adam", "--sched", "cyclic", "--ema", 0.9, "--erase", 1.0, "--patience", 1,
+                            "--task-order", "age,mask,gender", "--gender-backbone", "test_efficientnet",
+                            "--age-backbone", "test_efficientnet", "--age-regression", 1.0, "--loss", "wce"]),
+    ],
+)  # fmt: skip
+def test_knobs_run_together(crops, tmp_path, script, flags):
+    proc = train(script, crops, tmp_path, "--fold", 2, "--epochs", 2, "--max-steps", 3, *flags)
+    log = pd.read_csv(tmp_path / "fold2" / "log.csv")
+    assert len(log) >= 1 and np.isfinite(log["train_loss"]).all() and (tmp_path / "fold2" / "best.pt").is_file()
+    assert "val f1" in proc.stdout
+
+
+def test_full_train_uses_the_epochs_cv_found(crops, tmp_path):
+    train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2, "--max-steps", 2)
+    best = json.loads((tmp_path / "fold0" / "metrics.json").read_text())["best_epoch"]
+    proc = train("train_single.py", crops, tmp_path, "--full-train", "--epochs", 5, "--max-steps", 2)
+    assert f"{best + 1} epochs" in proc.stdout
+    assert len(pd.read_csv(tmp_path / "foldfull" / "log.csv")) == best + 1
+    assert not (tmp_path / "foldfull" / "oof.npz").exists()
