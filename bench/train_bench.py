@@ -112,16 +112,20 @@ fast, slow = new_model(True), new_model(False)
 fixed_x, fixed_y = our_batch(fast[3], fast[4])
 
 
-def timed(fn):
-    fn()  # warm-up step
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.steps):
+PREFETCHED = args.loader_workers * 2  # DataLoader's default prefetch_factor is 2 batches per worker
+
+
+def timed(fn, warmup=1, steps=args.steps):
+    for _ in range(warmup):  # warm-up; for the DataLoader also the batches its workers made while others ran
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * args.batch_size / (time.perf_counter() - t)
 
 
 def a_ours():
@@ -143,7 +147,8 @@ ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, data_ours=lambda:
 results = {k: [] for k in ways}
 for r in range(args.rounds):
     for k, fn in ways.items():
-        results[k].append(timed(fn))
+        seed = k.endswith("seed")  # the DataLoader alone runs 4x the steps: long enough to show its steady rate
+        results[k].append(timed(fn, PREFETCHED + 1 if seed else 1, args.steps * (4 if k == "data_seed" else 1)))
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
 med = {k: statistics.median(v) for k, v in results.items()}
 print(
