@@ -139,13 +139,16 @@ demo: WORK/demo/data/eval/answers.csv
 
 BENCH_DATA ?= ../shared/bench/utkmask
 BENCH_WORK ?= WORK/bench
+BENCH_TABLE := $(BENCH_WORK)/bench_table.md
 bench: $(STAMP)
 	$(MAKE) $(BENCH_WORK)/crops/eval.csv DATA=$(BENCH_DATA) WORK=$(BENCH_WORK)
-	$(PY) bench/preprocess_bench.py --data $(BENCH_DATA)
-	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 128
-	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 224 --batch-size 32
-	$(PY) bench/coord_bench.py --img-size 128
-	$(PY) bench/infer_bench.py --crops $(BENCH_WORK)/crops --img-size 128
+	printf '| measure | figure |\n|---|---|\n' > $(BENCH_TABLE)
+	$(PY) bench/preprocess_bench.py --data $(BENCH_DATA) --table $(BENCH_TABLE)
+	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 128 --table $(BENCH_TABLE)
+	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 224 --batch-size 32 --table $(BENCH_TABLE)
+	$(PY) bench/coord_bench.py --img-size 128 --table $(BENCH_TABLE)
+	$(PY) bench/infer_bench.py --crops $(BENCH_WORK)/crops --img-size 128 --table $(BENCH_TABLE)
+	@echo; cat $(BENCH_TABLE)
 
 clean:
 	rm -rf WORK

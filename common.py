@@ -684,6 +684,13 @@ def train_parser(doc):
     return p
 
 
+def bench_rows(path, rows):
+    """bench/*.py --table FILE: append `| measure | figure |` rows; `make bench` prints the file as one table."""
+    if path:
+        with open(path, "a") as f:
+            f.writelines(f"| {what} | {figure} |\n" for what, figure in rows)
+
+
 # ---- machine: device, precision, torchrun -------------------------------------------
 def setup(args, script):
     """Device, precision and data-parallel set-up from the environment; the run folder."""

@@ -19,7 +19,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import TASKS, backward_step, build_model, machine, make_loss, make_optimizer, param_groups  # noqa: E402
+from common import TASKS, backward_step, bench_rows, build_model, machine, make_loss, make_optimizer, param_groups  # noqa: E402
 from train_coord import coord_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +28,7 @@ parser.add_argument("--img-size", type=int, default=128)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 args = parser.parse_args()
 
 env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -87,3 +88,12 @@ print(
 )
 print(f"a backbone per task : weighted sum {med['own_multi']:.3f} s/batch, coordinate {med['own_coord']:.3f} "
       f"s/batch: {med['own_coord'] / med['own_multi']:.2f}x (nothing shared: about 1x)")  # fmt: skip
+what = f"coordinate / weighted sum, {args.backbone} {args.img_size} px batch {args.batch_size} {env.device.type}"
+
+
+def vs(a, b):
+    return f"{med[a]:.3f} / {med[b]:.3f} s = {med[a] / med[b]:.2f}x"
+
+
+bench_rows(args.table, [(f"{what}, one shared backbone", vs("shared_coord", "shared_multi")),
+                        (f"{what}, a backbone per task", vs("own_coord", "own_multi"))])  # fmt: skip

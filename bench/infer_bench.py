@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import build_model, load_crops, machine, predict  # noqa: E402
+from common import bench_rows, build_model, load_crops, machine, predict  # noqa: E402
 from inference import load_models  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +28,7 @@ parser.add_argument("--img-size", type=int, default=128)
 parser.add_argument("--crops", default="WORK/bench/crops")
 parser.add_argument("--images", type=int, default=512, help="eval images timed per way")
 parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 args = parser.parse_args()
 
 env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -51,3 +52,7 @@ med = {k: statistics.median(v) for k, v in rates.items()}
 print(f"\n{args.run or args.backbone} ({name}, {cfg.backbone} at {cfg.img_size} px), {env.device} {env.precision}:")
 for tta, v in med.items():
     print(f"tta {tta:10s} {v:7.0f} img/s  ({v / med['none']:.2f}x no TTA)")
+bench_rows(args.table, [
+    (f"inference {cfg.backbone} {cfg.img_size} px {env.device.type}, TTA none / flip / flip+shift",
+     " / ".join(f"{v:.0f}" for v in med.values()) + " img/s"),
+])  # fmt: skip

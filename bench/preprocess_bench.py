@@ -22,12 +22,13 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import crop_square, face_square, fallback_square, read_train, rembg_home  # noqa: E402
+from common import bench_rows, crop_square, face_square, fallback_square, read_train, rembg_home  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "bench" / "utkmask"))
 parser.add_argument("--persons", type=int, default=50, help="persons of the train split to time (7 images each)")
 parser.add_argument("--size", type=int, default=256)
+parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 args = parser.parse_args()
 
 images, _, _ = read_train(args.data)
@@ -89,3 +90,8 @@ print(f"ratio            : {ours / naive:6.2f}x  (start-up {startup_s:.1f} s inc
 print(f"steady state     : {steady:6.2f} img/s, {steady / naive:.2f}x naive (start-up taken out)")
 ours_min, naive_min = (startup_s + total / steady) / 60, total / naive / 60
 print(f"whole set ({total} images): ours {ours_min:.1f} min; naive {naive_min:.1f} min")
+bench_rows(args.table, [
+    (f"preprocess, {n} bench images: ours / naive sequential", f"{ours:.1f} / {naive:.1f} img/s = {ours / naive:.2f}x"),
+    ("preprocess, steady state (start-up out)", f"{steady:.1f} img/s = {steady / naive:.2f}x naive"),
+    (f"preprocess, whole set of {total} images (estimate)", f"ours {ours_min:.1f} min, naive {naive_min:.1f} min"),
+])  # fmt: skip

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import build_model, load_crops, machine, make_batch, make_optimizer, param_groups, task_targets  # noqa: E402
+from common import bench_rows, build_model, load_crops, machine, make_batch, make_optimizer, param_groups, task_targets  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")
@@ -34,6 +34,7 @@ parser.add_argument("--img-size", type=int, default=128)
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--steps", type=int, default=6, help="timed steps per way per round")
 parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style loop")
 args = parser.parse_args()
 
@@ -161,3 +162,13 @@ print(f"(c) compute only       {med['c_compute']:7.1f} img/s")
 print(f"(a)/(b) = {med['a_ours'] / med['b_seed']:.2f}x   (a)/(c) = {med['a_ours'] / med['c_compute']:.2f}")
 print(f"data path alone: ours {med['data_ours']:.0f} img/s, seed DataLoader {med['data_seed']:.0f} img/s, "
       f"{med['data_ours'] / med['data_seed']:.1f}x")  # fmt: skip
+what = f"train {args.backbone} {args.img_size} px batch {args.batch_size} {device.type}"
+
+
+def vs(a, b):
+    return f"{med[a]:.1f} / {med[b]:.1f} img/s = {med[a] / med[b]:.2f}x"
+
+
+bench_rows(args.table, [(f"{what}: (a) ours / (b) seed-style", vs("a_ours", "b_seed")),
+                        (f"{what}: (a) ours / (c) compute only", vs("a_ours", "c_compute")),
+                        (f"{what}: data path alone, ours / seed loader", vs("data_ours", "data_seed"))])  # fmt: skip
