@@ -148,8 +148,10 @@ ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, data_ours=lambda:
 results = {k: [] for k in ways}
 for r in range(args.rounds):
     for k, fn in ways.items():
-        seed = k.endswith("seed")  # the DataLoader alone runs 4x the steps: long enough to show its steady rate
-        results[k].append(timed(fn, PREFETCHED + 1 if seed else 1, args.steps * (4 if k == "data_seed" else 1)))
+        # the DataLoader ways drain the batches its workers made while others ran, then run 4x the
+        # steps: otherwise batches made in advance flatter the seed-style loop (seen on a GPU)
+        seed = k.endswith("seed")
+        results[k].append(timed(fn, PREFETCHED + 1 if seed else 1, args.steps * (4 if seed else 1)))
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
 med = {k: statistics.median(v) for k, v in results.items()}
 print(
