@@ -470,8 +470,11 @@ def background_remover(model="u2netp", size=192, threads=1):
     from PIL import Image
 
     rembg_home()
+    threads_before = torch.get_num_threads()
     from rembg import new_session
     from rembg.sessions import sessions_class
+
+    torch.set_num_threads(threads_before)  # importing rembg resets torch's thread count
 
     by_name = {c.name(): c for c in sessions_class}
     if model not in by_name:
@@ -627,7 +630,7 @@ def train_parser(doc):
     )
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name")
-    g.add_argument("--pretrained", default="auto", help="auto (offline registry weights, else timm hub) | none | PATH")
+    g.add_argument("--pretrained", default="auto", help="auto (offline registry weights) | none | PATH")
     g.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = lr x this (heads: lr)")
     g.add_argument("--head-dropout", type=float, default=0.2, help="dropout before each head")
     g.add_argument("--dropout-samples", type=int, default=1, help="multi-sample dropout: heads average K draws")
@@ -682,6 +685,11 @@ def train_parser(doc):
     g.add_argument("--tensorboard", action="store_true", help="also log to RUN/fold*/tb (needs tensorboard)")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (imported only then)")
     return p
+
+
+def versus(a, b, unit, digits=1):
+    """'a / b unit = a/b x' for the bench tables."""
+    return f"{a:.{digits}f} / {b:.{digits}f} {unit} = {a / b:.2f}x"
 
 
 def bench_rows(path, rows):
@@ -1024,16 +1032,11 @@ def create_backbone(name, pretrained="auto", num_classes=0):
         raise DataError(
             f"--backbone {name}: not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else "")
         )
-    if pretrained == "auto" and name not in OFFLINE_WEIGHTS:
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes)
-        except Exception:
-            raise DataError(
-                f"--backbone {name}: no offline weights and the timm hub is not reachable; offline: "
-                f"{', '.join(OFFLINE_WEIGHTS)}; or --pretrained none | PATH"
-            ) from None
+    if pretrained == "auto" and name not in OFFLINE_WEIGHTS:  # no network at run time: no timm hub
+        raise DataError(
+            f"--backbone {name}: no offline ImageNet weights; they install for "
+            f"{', '.join(OFFLINE_WEIGHTS)}; or --pretrained none | PATH"
+        )
     model = timm.create_model(name, pretrained=False, num_classes=1000)
     if pretrained == "auto":
         path = offline_weights_file(name)

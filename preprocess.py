@@ -70,15 +70,12 @@ worker = {}
 def init_worker(settings):
     import torch
 
+    torch.set_num_threads(1)  # one thread per process: processes scale better than threads here
     worker["settings"] = settings
     worker["detector"] = face_detector()
     worker["bg_alpha"] = (
         background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
     )
-    # one thread per process: processes scale better than threads here. Set after the models
-    # are built: importing rembg resets torch's thread count, and two OpenMP threads per
-    # process on two cores spin against each other (half the speed, measured).
-    torch.set_num_threads(1)
 
 
 def process(job):

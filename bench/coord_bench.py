@@ -19,7 +19,17 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import TASKS, backward_step, bench_rows, build_model, machine, make_loss, make_optimizer, param_groups  # noqa: E402
+from common import (  # noqa: E402
+    TASKS,
+    backward_step,
+    bench_rows,
+    build_model,
+    machine,
+    make_loss,
+    make_optimizer,
+    param_groups,
+    versus,
+)
 from train_coord import coord_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,10 +100,5 @@ print(f"a backbone per task : weighted sum {med['own_multi']:.3f} s/batch, coord
       f"s/batch: {med['own_coord'] / med['own_multi']:.2f}x (nothing shared: about 1x)")  # fmt: skip
 what = f"coordinate / weighted sum, {args.backbone} {args.img_size} px batch {args.batch_size} {env.device.type}"
 
-
-def vs(a, b):
-    return f"{med[a]:.3f} / {med[b]:.3f} s = {med[a] / med[b]:.2f}x"
-
-
-bench_rows(args.table, [(f"{what}, one shared backbone", vs("shared_coord", "shared_multi")),
-                        (f"{what}, a backbone per task", vs("own_coord", "own_multi"))])  # fmt: skip
+pairs = [("one shared backbone", "shared_coord", "shared_multi"), ("a backbone per task", "own_coord", "own_multi")]
+bench_rows(args.table, [(f"{what}, {label}", versus(med[a], med[b], "s", 3)) for label, a, b in pairs])

@@ -25,7 +25,17 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows, build_model, load_crops, machine, make_batch, make_optimizer, param_groups, task_targets  # noqa: E402
+from common import (  # noqa: E402
+    bench_rows,
+    build_model,
+    load_crops,
+    machine,
+    make_batch,
+    make_optimizer,
+    param_groups,
+    task_targets,
+    versus,
+)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")
@@ -166,11 +176,6 @@ print(f"data path alone: ours {med['data_ours']:.0f} img/s, seed DataLoader {med
       f"{med['data_ours'] / med['data_seed']:.1f}x")  # fmt: skip
 what = f"train {args.backbone} {args.img_size} px batch {args.batch_size} {device.type}"
 
-
-def vs(a, b):
-    return f"{med[a]:.1f} / {med[b]:.1f} img/s = {med[a] / med[b]:.2f}x"
-
-
-bench_rows(args.table, [(f"{what}: (a) ours / (b) seed-style", vs("a_ours", "b_seed")),
-                        (f"{what}: (a) ours / (c) compute only", vs("a_ours", "c_compute")),
-                        (f"{what}: data path alone, ours / seed loader", vs("data_ours", "data_seed"))])  # fmt: skip
+pairs = [("(a) ours / (b) seed-style", "a_ours", "b_seed"), ("(a) ours / (c) compute only", "a_ours", "c_compute"),
+         ("data path alone, ours / seed loader", "data_ours", "data_seed")]  # fmt: skip
+bench_rows(args.table, [(f"{what}: {label}", versus(med[a], med[b], "img/s")) for label, a, b in pairs])
