@@ -738,6 +738,7 @@ def machine(device, precision="auto", channels_last="auto"):
         device=device,
         precision=precision,
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
+        input_dtype=dtype or torch.float32,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         channels_last=channels_last == "on" or (channels_last == "auto" and (cuda or dtype is not None)),
         world=1,
@@ -888,11 +889,47 @@ def train_batches(data, args, env, gen):
 # ---- augmentation: per-sample, batched, on the device ------------------------------------
 # torchvision's v2 transforms draw one set of parameters per call; for a batch we want one per
 # image without a Python loop, so the few operations we need are written here on whole batches.
+def gather(images, rows):
+    """images[rows], for the cache on the CPU or the GPU: index_select is 3x faster than indexing on CPU."""
+    return images.index_select(0, torch.as_tensor(rows).to(images.device))
+
+
+def to_float(x_uint8, env):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in 0..255, one copy. NCHW, not the cache's channels_last
+    view: the per-pixel operations of make_batch run several times faster on it (measured on CPU)."""
+    x_uint8 = x_uint8.to(env.device, non_blocking=True).permute(0, 3, 1, 2)
+    return torch.empty(x_uint8.shape, device=env.device).copy_(x_uint8)
+
+
+def standardise(x, mean, std):
+    """0..255 -> the backbone's normalisation, in place, one pass; the neutral background becomes about 0."""
+    return torch.addcmul((-mean / std).view(1, 3, 1, 1), x, (1 / (255 * std)).view(1, 3, 1, 1), out=x)
+
+
 def normalise(x_uint8, env, mean, std):
     """uint8 (B, H, W, 3) -> float (B, 3, H, W), normalised with the backbone's mean and std."""
-    x = x_uint8.to(env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last) if env.channels_last else x.contiguous()
+    return model_input(standardise(to_float(x_uint8, env), mean, std), env)
+
+
+def model_input(x, env):
+    """In the layout and dtype the model runs in: autocast would cast the input to bf16/fp16 anyway,
+    and writing half the bytes here makes the CPU data path about 10% faster."""
+    return x.to(env.input_dtype, memory_format=torch.channels_last if env.channels_last else torch.contiguous_format)
+
+
+_BASE_GRIDS = {}
+
+
+def affine_grid(theta, shape):
+    """F.affine_grid(theta, shape, align_corners=False) as one matmul with a cached base grid:
+    a third of its time on CPU."""
+    n, _, h, w = shape
+    key = (h, w, theta.device)
+    if key not in _BASE_GRIDS:
+        eye = torch.eye(2, 3, device=theta.device)[None]
+        xy = F.affine_grid(eye, [1, 1, h, w], align_corners=False).view(1, h * w, 2)
+        _BASE_GRIDS[key] = torch.cat([xy, torch.ones_like(xy[..., :1])], 2)  # (x, y, 1) per pixel
+    return (_BASE_GRIDS[key] @ theta.transpose(1, 2)).view(n, h, w, 2)
 
 
 def make_batch(data, rows, args, env, gen, mean, std, global_size):
@@ -904,7 +941,7 @@ def make_batch(data, rows, args, env, gen, mean, std, global_size):
     lo = env.rank * len(rows)
     r = {k: v[lo : lo + len(rows)] for k, v in r.items()}
     u = u[lo : lo + len(rows)]
-    x_u8 = data.images[rows.to(data.images.device)] if data.images.device.type == "cuda" else data.images[rows]
+    x_u8 = gather(data.images, rows)
     if args.old_mixup > 0:  # blend rare old persons with another of their class: new faces, same label
         labels = data.targets["label"][rows]
         for i in torch.nonzero((r["old"] < args.old_mixup) & (data.targets["age"][rows] == 2)).flatten().tolist():
@@ -912,18 +949,19 @@ def make_batch(data, rows, args, env, gen, mean, std, global_size):
             j = pool[int(r["b"][i] * len(pool)) % len(pool)]
             lam = 0.5 + 0.4 * float(r["c"][i])
             x_u8[i] = (lam * x_u8[i].float() + (1 - lam) * data.images[j].to(x_u8.device).float()).round().byte()
-    x = x_u8.to(env.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = to_float(x_u8, env)
     dev = lambda t: t.to(env.device)  # noqa: E731
+    per_image = lambda t: dev(t).view(-1, 1, 1, 1)  # noqa: E731
     if args.color > 0:
-        b = 1 + args.color * (dev(r["b"]) * 2 - 1)
-        c = 1 + args.color * (dev(r["c"]) * 2 - 1)
-        s = 1 + args.color * (dev(r["s"]) * 2 - 1)
-        x = x * b.view(-1, 1, 1, 1)
+        b = 1 + args.color * (r["b"] * 2 - 1)  # brightness
+        c = 1 + args.color * (r["c"] * 2 - 1)  # contrast, about the image's mean grey m
+        s = 1 + args.color * (r["s"] * 2 - 1)  # saturation, about each pixel's grey g
+        # the three composed are one affine map per pixel, s*c*b*x + (1-s)*c*b*g + (1-c)*b*m: two passes, not ten
         grey = x.mean(dim=1, keepdim=True)
-        x = (x - grey.mean(dim=(2, 3), keepdim=True)) * c.view(-1, 1, 1, 1) + grey.mean(dim=(2, 3), keepdim=True)
-        grey = x.mean(dim=1, keepdim=True)
-        x = ((x - grey) * s.view(-1, 1, 1, 1) + grey).clamp_(0, 1)
-    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # background (neutral colour) ~ 0
+        m = grey.mean(dim=(2, 3), keepdim=True)
+        offset = grey.mul_(per_image((1 - s) * c * b)).add_(per_image((1 - c) * b) * m)
+        x = torch.addcmul(offset, x, per_image(s * c * b), out=x).clamp_(0, 255)  # in place: fresh memory is slow
+    x = standardise(x, mean, std)
     flip = dev(r["flip"] < args.flip).float() * -2 + 1  # -1 flips
     if args.ssr > 0 or args.flip > 0:
         u_ = dev(u)
@@ -937,19 +975,16 @@ def make_batch(data, rows, args, env, gen, mean, std, global_size):
             ],
             1,
         )
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = F.grid_sample(x, affine_grid(theta, x.shape), mode="bilinear", padding_mode="zeros", align_corners=False)
     if args.erase > 0:  # one box of 5-25% of the image, filled with the background value
         h, w = x.shape[2:]
-        on = dev(r["erase"] < args.erase)
-        side = (0.05 + 0.2 * (dev(u[:, 4]) + 1) / 2).sqrt()  # area 5-25%
-        cy, cx = (dev(u[:, 5]) + 1) / 2, (dev(u[:, 2]) + 1) / 2
-        ys, xs = torch.linspace(0, 1, h, device=x.device), torch.linspace(0, 1, w, device=x.device)
-        inside_y = (ys.view(1, -1) - cy.view(-1, 1)).abs() < side.view(-1, 1) / 2
-        inside_x = (xs.view(1, -1) - cx.view(-1, 1)).abs() < side.view(-1, 1) / 2
-        box = inside_y[:, :, None] & inside_x[:, None, :] & on.view(-1, 1, 1)
-        x = x.masked_fill(box[:, None], 0.0)
-    x = x.contiguous(memory_format=torch.channels_last) if env.channels_last else x.contiguous()
+        half = (0.05 + 0.2 * (u[:, 4] + 1) / 2).sqrt() / 2  # half the side, area 5-25%
+        cy, cx = (u[:, 5] + 1) / 2, (u[:, 2] + 1) / 2
+        y0, y1 = ((cy - half).clamp(0, 1) * h).long().tolist(), ((cy + half).clamp(0, 1) * h).long().tolist()
+        x0, x1 = ((cx - half).clamp(0, 1) * w).long().tolist(), ((cx + half).clamp(0, 1) * w).long().tolist()
+        for i in torch.nonzero(r["erase"] < args.erase).flatten().tolist():  # a slice each: no full-size mask
+            x[i, :, y0[i] : y1[i], x0[i] : x1[i]] = 0.0
+    x = model_input(x, env)
     y = {k: v[rows].to(env.device) for k, v in data.targets.items()}
     return x, y
 
@@ -1293,7 +1328,7 @@ def predict(model, images, rows, env, mean, std, batch_size=256, tta="none"):
     views = {}
     for i in range(0, len(rows), batch_size):
         idx = rows[i : i + batch_size]
-        x = normalise(images[idx.to(images.device)] if images.device.type == "cuda" else images[idx], env, mean, std)
+        x = normalise(gather(images, idx), env, mean, std)
         variants = [x]
         if tta in ("flip", "flip+shift"):
             variants.append(x.flip(3))
@@ -1701,7 +1736,10 @@ def model_to_validate(args, model, ema, swa, epoch, data, env, gen, mean, std):
     if swa and epoch >= args.swa_start:
         swa.update_parameters(unwrap(model))
         if epoch == args.epochs - 1:
-            batches = (normalise(data.images[rows], env, mean, std) for rows, _ in train_batches(data, args, env, gen))
-            torch.optim.swa_utils.update_bn(batches, swa)
+            batches = (
+                normalise(gather(data.images, rows), env, mean, std) for rows, _ in train_batches(data, args, env, gen)
+            )
+            with env.autocast():  # batches come in the autocast dtype
+                torch.optim.swa_utils.update_bn(batches, swa)
             return swa.module
     return ema.module if ema else model

@@ -27,6 +27,7 @@ from common import (
     class_name,
     crop_square,
     face_detector,
+    gather,
     load_checkpoint,
     load_crops,
     load_rgb,
@@ -154,7 +155,7 @@ def embed_plot(models, images, rows, env, true_band, path):
     features = []
     with torch.no_grad():
         for i in range(0, len(rows), 256):
-            x = normalise(images[rows[i : i + 256]], env, mean, std)
+            x = normalise(gather(images, rows[i : i + 256]), env, mean, std)
             with env.autocast():
                 features.append(model.backbones[model.uses.get("age", "shared")](x).float().cpu())
     xy = TSNE(n_components=2, init="pca", random_state=0).fit_transform(torch.cat(features).numpy())
