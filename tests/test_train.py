@@ -188,6 +188,32 @@ def loss_args(**kw):
     return Namespace(**(dict(label_smoothing=0.1, ldam_margin=0.5, focal_gamma=2.0, focal_alpha=1.0) | kw))
 
 
+def test_cpu_bf16_trains_strided_and_5x5_depthwise_convs_in_fp32():
+    import copy
+
+    args = Namespace(backbone="mobilenetv3_small_050", pretrained="none", head_dropout=0.0, dropout_samples=1)
+    model, _, _ = build_model(args, {"label": 18}, machine(torch.device("cpu"), "bf16", "on"))
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    fp32 = {n for n, m in convs.items() if m.groups > 1 and (max(m.kernel_size) > 3 or max(m.stride) > 1)}
+    assert fp32 and any(convs[n].groups > 1 for n in set(convs) - fp32)  # 3x3 stride-1 depthwise ones too
+    dtypes = {}
+    for n, m in convs.items():
+        m.register_forward_hook(lambda m, i, out, n=n: dtypes.__setitem__(n, out.dtype))
+    x = torch.randn(4, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        model.train()(x)
+        assert {n for n, d in dtypes.items() if d == torch.float32} == fp32
+        predicted = model.eval()(x)["label"]
+        assert set(dtypes.values()) == {torch.bfloat16}
+        # a copy (as EMA and SWA make) runs its own weights, not the original's
+        ema = copy.deepcopy(model)
+        with torch.no_grad():
+            for w in ema.parameters():
+                w.mul_(0.5)
+            assert not torch.equal(ema(x)["label"], predicted)
+            assert torch.equal(model(x)["label"], predicted)
+
+
 def test_focal_with_gamma_zero_is_cross_entropy():
     torch.manual_seed(0)
     z, y = torch.randn(32, 18), torch.randint(0, 18, (32,))
