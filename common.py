@@ -1138,15 +1138,10 @@ def build_model(args, head_sizes, env, own=None, age_hidden=0):
     backbones = {"shared": create_backbone(args.backbone, args.pretrained)}
     backbones |= {t: create_backbone(name, args.pretrained) for t, name in own.items()}
     uses = {h: next((t for t in own if h.startswith(t)), "shared") for h in head_sizes}
+    # what each backbone outputs: num_features, unless a head conv follows the pooling (MobileNetV3)
+    width = {b: getattr(m, "head_hidden_size", None) or m.num_features for b, m in backbones.items()}
     heads = {
-        h: Head(
-            # what the backbone outputs: num_features unless it has a head conv after pooling (MobileNetV3)
-            getattr(backbones[uses[h]], "head_hidden_size", None) or backbones[uses[h]].num_features,
-            n,
-            args.head_dropout,
-            args.dropout_samples,
-            age_hidden if h == "age" else 0,
-        )
+        h: Head(width[uses[h]], n, args.head_dropout, args.dropout_samples, age_hidden if h == "age" else 0)
         for h, n in head_sizes.items()
     }
     model = Net(backbones, heads, uses).to(env.device)
