@@ -674,7 +674,7 @@ def train_parser(doc):
         default="auto",
         help="auto: bf16 on CUDA or on a CPU with bf16 units, else fp32/fp16",
     )
-    g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="auto: on (faster)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     g.add_argument("--seed", type=int, default=0)
@@ -728,7 +728,8 @@ def setup(args, script):
 
 def machine(device, precision="auto", channels_last="auto"):
     """One device line, one dtype line: bf16 autocast on CUDA (fp16 + scaler on older GPUs) and on
-    CPUs with bf16 units, where it pays only with channels_last (measured here: 1.4x at 128 px)."""
+    CPUs with bf16 units, where it pays only with channels_last (measured on an AMX CPU: 1.4x at 128 px).
+    channels_last pays in fp32 on CPU too (tf_efficientnet_lite0 trains 1.55x faster on an AVX2 CPU)."""
     cuda = device.type == "cuda"
     cpu_bf16 = not cuda and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     if precision == "auto":
@@ -740,7 +741,7 @@ def machine(device, precision="auto", channels_last="auto"):
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
         input_dtype=dtype or torch.float32,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-        channels_last=channels_last == "on" or (channels_last == "auto" and (cuda or dtype is not None)),
+        channels_last=channels_last != "off",
         world=1,
         rank=0,
         main=True,

@@ -2,8 +2,8 @@
 
     python bench/train_bench.py --crops WORK/bench/crops --backbone tf_efficientnet_lite0 --img-size 128
 
-(a) ours: batches gathered from the packed uint8 cache, augmented on the device, bf16 autocast +
-    channels_last where the machine has bf16 (as train_*.py do);
+(a) ours: batches gathered from the packed uint8 cache, augmented on the device, channels_last, bf16
+    autocast where the machine has bf16 units, else fp32 (as train_*.py do);
 (b) seed-style: a Dataset that opens each crop PNG and applies torchvision PIL transforms per
     sample, a DataLoader with worker processes, fp32, no channels_last;
 (c) compute only: (a)'s model stepping on one batch already in memory.
@@ -12,8 +12,9 @@ with the ratios (a)/(b) and (a)/(c), and the data paths alone (no model): batche
 + device augmentation against the seed-style DataLoader.
 
 How much (a) gains over (b) depends on the backbone as much as on the data path: bf16 units speed up
-dense convolutions about 3x (resnet18/50 at 224 px, measured here) but depthwise ones little
-(EfficientNet: 1.3-1.5x), so `make bench` runs tf_efficientnet_lite0 and resnet18 at 224 px.
+dense convolutions about 3x (resnet18/50 at 224 px, measured on an AMX CPU) but depthwise ones little
+(EfficientNet: 1.3-1.5x), so `make bench` runs tf_efficientnet_lite0 and resnet18 at 224 px. On a CPU
+without bf16 units both run fp32 and (a) gains what channels_last gives (lite0 1.55x on AVX2, resnet18 1.06x).
 """
 
 import argparse
