@@ -30,7 +30,7 @@ IMG_SIZE ?= 128
 EPOCHS ?= 6
 FOLDS ?= 0
 BATCH ?= 64
-# chosen by CV on folds 0-2 of the bench train split (README, Results): a faster backbone (lr x1 for
+# chosen by CV on folds 0-2 of the bench train split (EXPERIMENTS.md): a faster backbone (lr x1 for
 # one head, x0.3 for three) gained 0.03-0.05 macro F1 in 6 epochs; label smoothing + erasing helped the heads
 SINGLE_FLAGS ?= --backbone-lr-mult 1.0
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3

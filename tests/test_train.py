@@ -319,3 +319,25 @@ def test_full_train_uses_the_epochs_cv_found(crops, tmp_path):
     assert f"{best + 1} epochs" in proc.stdout
     assert len(pd.read_csv(tmp_path / "foldfull" / "log.csv")) == best + 1
     assert not (tmp_path / "foldfull" / "oof.npz").exists()
+
+
+def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_path):
+    common = " ".join(map(str, TINY + ["--epochs", 1, "--max-steps", 2]))
+    sweep = ["tools/sweep.py", "--crops", crops / "crops", "--folds", crops / "folds.csv", "--fold", "0,1",
+             "--parallel", 2, "--out", tmp_path / "sweep", "--common", common,
+             "--recipe", "plain: train_single.py", "--recipe", "ls: train_single.py --loss ls --seed 1"]  # fmt: skip
+    proc = run(*sweep)
+    results = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert sorted(zip(results.recipe, results.fold)) == [("ls", 0), ("ls", 1), ("plain", 0), ("plain", 1)]
+    f1 = results.set_index(["recipe", "fold"]).val_macro_f1
+    paired = (f1["ls"] - f1["plain"]).mean()
+    row = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["ls"]][0]
+    assert row[1] == "2" and float(row[2]) == pytest.approx(f1["ls"].mean(), abs=1e-4)
+    assert float(row[3]) == pytest.approx(paired, abs=1e-4)
+    assert json.loads((tmp_path / "sweep" / "ls" / "config.json").read_text())["loss"] == "ls"
+    stamp = (tmp_path / "sweep" / "ls" / "fold0" / "metrics.json").stat().st_mtime_ns
+    again = run(*sweep)
+    assert "4 runs, 4 already finished" in again.stdout
+    assert (tmp_path / "sweep" / "ls" / "fold0" / "metrics.json").stat().st_mtime_ns == stamp
+    bad = run("tools/sweep.py", "--recipe", "x y: nothing.py", check=False)
+    assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --recipe")
