@@ -88,7 +88,8 @@ def main():
     args = parser.parse_args()
     recipes = parse_recipes(args)
     folds = [k.strip() for k in args.fold.split(",") if k.strip()]
-    out = Path(args.out)
+    # the runs start in the repository root: absolute paths, so the sweep works from any folder
+    out, crops, folds_csv = Path(args.out).resolve(), Path(args.crops).resolve(), Path(args.folds).resolve()
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.parallel)
     jobs = [(name, k) for name in recipes for k in folds]  # recipe by recipe: the first ones finish first
     todo = [(name, k) for name, k in jobs if read_metrics(out / name / f"fold{k}") is None]
@@ -100,7 +101,7 @@ def main():
     while todo or running:
         while todo and len(running) < args.parallel:
             name, k = todo.pop(0)
-            command = [sys.executable, str(REPO / recipes[name][0]), "--crops", args.crops, "--folds", args.folds,
+            command = [sys.executable, str(REPO / recipes[name][0]), "--crops", str(crops), "--folds", str(folds_csv),
                        "--fold", k, "--out", str(out / name), "--threads", str(threads), "--resume",
                        *shlex.split(args.common), *recipes[name][1:]]  # fmt: skip
             (out / name).mkdir(parents=True, exist_ok=True)
