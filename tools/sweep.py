@@ -66,22 +66,13 @@ def read_metrics(fold_dir):
 def paired_table(results):
     """Mean val F1 per recipe, and its difference from the first recipe on the folds both finished."""
     f1 = results.pivot_table(index="recipe", columns="fold", values="val_macro_f1", sort=False)
-    reference = f1.iloc[0]
-    rows = []
-    for name, row in f1.iterrows():
-        both = row.notna() & reference.notna()
-        diff = (row - reference)[both]
-        rows.append(
-            dict(
-                recipe=name,
-                folds=int(row.notna().sum()),
-                val_f1=row.mean(),
-                paired=diff.mean() if name != f1.index[0] and len(diff) else float("nan"),
-                sd=diff.std() if name != f1.index[0] and len(diff) > 1 else float("nan"),
-                **results[results.recipe == name][["val_mask_f1", "val_gender_f1", "val_age_f1"]].mean().to_dict(),
-            )
-        )
-    return pd.DataFrame(rows)
+    diff = f1 - f1.iloc[0]  # NaN where either run is missing, so mean and std use shared folds only
+    tasks = results.groupby("recipe", sort=False)[["val_mask_f1", "val_gender_f1", "val_age_f1"]].mean()
+    table = pd.DataFrame(
+        dict(folds=f1.notna().sum(axis=1), val_f1=f1.mean(axis=1), paired=diff.mean(axis=1), sd=diff.std(axis=1))
+    ).join(tasks)
+    table.iloc[0, table.columns.get_indexer(["paired", "sd"])] = float("nan")  # the reference itself
+    return table.reset_index()
 
 
 def main():
