@@ -6,8 +6,10 @@
     autocast where the machine has bf16 units, else fp32 (as train_*.py do);
 (b) seed-style: a Dataset that opens each crop PNG and applies torchvision PIL transforms per
     sample, a DataLoader with worker processes, fp32, no channels_last;
-(c) compute only: (a)'s model stepping on one batch already in memory.
-They run in alternation (rounds), so a busy machine slows all three alike; medians are printed,
+(c) compute only: (a)'s model stepping on one batch already in memory;
+(d) the same in (b)'s fp32 default layout: (c)/(d) is what our precision and layout gain on this machine
+    (on one H200 lite0 at 224 px b32 compute ran no faster in bf16 + channels_last than (b) end to end).
+They run in alternation (rounds), so a busy machine slows all ways alike; medians are printed,
 with the ratios (a)/(b) and (a)/(c), and the data paths alone (no model): batches/s of our cache
 + device augmentation against the seed-style DataLoader.
 
@@ -159,8 +161,15 @@ def c_compute():
     step(*fast[:3], fixed_x, fixed_y["label"])
 
 
-ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, data_ours=lambda: our_batch(fast[3], fast[4]),
-            data_seed=seed_batch)  # fmt: skip
+fixed_x_fp32 = fixed_x.float().contiguous()
+
+
+def d_compute_fp32():
+    step(*slow[:3], fixed_x_fp32, fixed_y["label"])
+
+
+ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, d_compute_fp32=d_compute_fp32,
+            data_ours=lambda: our_batch(fast[3], fast[4]), data_seed=seed_batch)  # fmt: skip
 results = {k: [] for k in ways}
 for r in range(args.rounds):
     for k, fn in ways.items():
@@ -178,11 +187,14 @@ print(
 print(f"(a) ours               {med['a_ours']:7.1f} img/s")
 print(f"(b) seed-style loop    {med['b_seed']:7.1f} img/s")
 print(f"(c) compute only       {med['c_compute']:7.1f} img/s")
+print(f"(d) (c) in fp32, NCHW  {med['d_compute_fp32']:7.1f} img/s")
+print(f"(c)/(d) = {med['c_compute'] / med['d_compute_fp32']:.2f}x: what our precision and layout gain here")
 print(f"(a)/(b) = {med['a_ours'] / med['b_seed']:.2f}x   (a)/(c) = {med['a_ours'] / med['c_compute']:.2f}")
 print(f"data path alone: ours {med['data_ours']:.0f} img/s, seed DataLoader {med['data_seed']:.0f} img/s, "
       f"{med['data_ours'] / med['data_seed']:.1f}x")  # fmt: skip
 what = f"train {args.backbone} {args.img_size} px batch {args.batch_size} {device.type}"
 
 pairs = [("(a) ours / (b) seed-style", "a_ours", "b_seed"), ("(a) ours / (c) compute only", "a_ours", "c_compute"),
+         ("compute only, our precision and layout / fp32 default layout", "c_compute", "d_compute_fp32"),
          ("data path alone, ours / seed loader", "data_ours", "data_seed")]  # fmt: skip
 bench_rows(args.table, [(f"{what}: {label}", versus(med[a], med[b], "img/s")) for label, a, b in pairs])
