@@ -35,6 +35,7 @@ from train_coord import coord_step  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="tf_efficientnet_lite0")
 parser.add_argument("--img-size", type=int, default=128)
+parser.add_argument("--pretrained", default="none", help="weights do not change speed; none runs any backbone offline")
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--steps", type=int, default=4)
 parser.add_argument("--rounds", type=int, default=3)
@@ -42,8 +43,8 @@ parser.add_argument("--table", default=None, help="append the figures to this ma
 args = parser.parse_args()
 
 env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-cfg = Namespace(backbone=args.backbone, pretrained="auto", head_dropout=0.2, dropout_samples=1, opt="adamw", lr=1e-3,
-                weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, label_smoothing=0.1, ldam_margin=0.5,
+cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
+                lr=1e-3, weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, label_smoothing=0.1, ldam_margin=0.5,
                 focal_gamma=2.0, focal_alpha=1.0)  # fmt: skip
 x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=env.device)
 if env.channels_last:

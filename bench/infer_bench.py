@@ -2,8 +2,8 @@
 
     python bench/infer_bench.py --crops WORK/bench/crops [--run WORK/bench/runs/single]
 
-Uses inference.py's model loading (the run's first fold) and prediction; without --run, an
-ImageNet-initialised --backbone with an 18-way head (speed does not depend on the weights).
+Uses inference.py's model loading (the run's first fold) and prediction; without --run, --backbone
+with an 18-way head, randomly initialised unless --pretrained (speed does not depend on the weights).
 """
 
 import argparse
@@ -25,6 +25,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--run", default=None, help="a trained run (default: --backbone, untrained head)")
 parser.add_argument("--backbone", default="tf_efficientnet_lite0")
 parser.add_argument("--img-size", type=int, default=128)
+parser.add_argument("--pretrained", default="none", help="weights do not change speed; none runs any backbone offline")
 parser.add_argument("--crops", default="WORK/bench/crops")
 parser.add_argument("--images", type=int, default=512, help="eval images timed per way")
 parser.add_argument("--rounds", type=int, default=3)
@@ -35,7 +36,7 @@ env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 if args.run:
     name, model, mean, std, cfg = load_models(args.run, env)[0]
 else:
-    cfg = Namespace(backbone=args.backbone, pretrained="auto", head_dropout=0.0, dropout_samples=1,
+    cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.0, dropout_samples=1,
                     img_size=args.img_size)  # fmt: skip
     name, (model, mean, std) = "untrained head", build_model(cfg, {"label": 18}, env)
 index, cache = load_crops(args.crops, "eval", cfg.img_size)
