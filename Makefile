@@ -21,10 +21,12 @@ EPOCHS ?= 6
 FOLDS ?= 0 1 2 3 4
 BATCH ?= 64
 SINGLE_FLAGS ?= --backbone-lr-mult 1.0 --cutmix 0.5
-SINGLE_EPOCHS ?= 10
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 COORD_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
+ifneq ($(origin EPOCHS),command line)  # make all EPOCHS=3 sets every model's epochs
+SINGLE_EPOCHS ?= 10
 COORD_EPOCHS ?= 4
+endif
 else ifeq ($(PRESET),demo)
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 96
@@ -43,7 +45,9 @@ SINGLE_FLAGS ?= --backbone-lr-mult 1.0
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 COORD_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 # a coordinate step costs three forward/backward passes: 4 epochs keep train_coord under 30 minutes here
+ifneq ($(origin EPOCHS),command line)
 COORD_EPOCHS ?= 4
+endif
 endif
 MODELS ?= single multi coord
 NFOLDS ?= 5

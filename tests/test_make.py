@@ -2,6 +2,7 @@
 a rerun does only what changed."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -86,3 +87,15 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     assert "train_multi.py" in one_model and "--epochs 5" in one_model and "train_single.py" not in one_model
     new_fold = plan("FOLDS=0 1")
     assert "--fold 1" in new_fold and "--fold 0" not in new_fold
+
+
+def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one(tmp_path):
+    def epochs(*args):
+        plan = make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", *args).stdout
+        return {m: re.search(rf"train_{m}\.py .*--epochs (\d+)", plan).group(1) for m in ("single", "multi", "coord")}
+
+    for preset in ("PRESET=cpu", "PRESET=gpu"):
+        assert epochs(preset)["coord"] != epochs(preset)["multi"]  # the presets give coord epochs of its own
+        assert epochs(preset, "EPOCHS=3") == {"single": "3", "multi": "3", "coord": "3"}
+        assert epochs(preset, "EPOCHS=3", "SINGLE_EPOCHS=7") == {"single": "7", "multi": "3", "coord": "3"}
+    assert not list(tmp_path.iterdir())  # a plan writes nothing
