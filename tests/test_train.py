@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,27 @@ def test_torchrun_two_processes_match_one(crops, tmp_path):
     b = load_checkpoint(tmp_path / "two" / "fold0" / "last.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3), k
+
+
+def test_memory_bench_finds_the_cache_shared_not_copied(crops, tmp_path):
+    # bench/memory_bench.py samples the trainers' memory maps: every torchrun process reads the packed cache
+    # through the same file pages, and none of them holds a private copy of any page
+    table = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "memory_bench.py"), "--crops", str(crops / "crops"),
+                           "--backbone", "test_efficientnet", "--img-size", "32", "--batch-size", "16", "--steps", "2",
+                           "--every", "0.1", "--procs", "1", "2", "--table", str(table)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.strip(" |").split(" | ")[1].split("; ") for line in table.read_text().splitlines()]
+    assert len(rows) == 2
+    for n, (rss, pss, copied) in zip((1, 2), rows):
+        each = [float(v.split()[0]) for v in rss.split(" / ")]
+        assert len(each) == n and min(each) > 100 and float(pss.split()[0]) > 100, rows
+        assert copied == "0 MB", rows
+    # the samples saw the cache mapped and read in every trainer, so the 0 above is measured, not missed
+    resident = re.findall(r"cache resident ([\d. /]+) MB of", proc.stdout)
+    assert [len(r.split(" / ")) for r in resident] == [1, 2], proc.stdout
+    assert all(float(v) > 0 for r in resident for v in r.split(" / ")), proc.stdout
 
 
 # ---- coordinate updates ----
