@@ -51,6 +51,9 @@ SEED ?= 42
 WORKERS ?= $(shell nproc)
 TTA ?= flip
 WEIGHTS ?= f1
+# per-class offsets for macro F1, fitted on the out-of-fold predictions; ensemble.py applies them only where
+# they help out of fold (cross-validated over persons): with all five folds' OOF they did (EXPERIMENTS.md)
+ENSEMBLE_FLAGS ?= --adjust
 CROP_SIZE ?= 256
 PREP_FLAGS ?=
 TRAIN_FLAGS ?=
@@ -71,7 +74,7 @@ FOLD_LIST := $(subst $(space),$(comma),$(strip $(FOLDS)))
 help:
 	@sed -n '2,8p' Makefile
 	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) (cpu|gpu|demo) MODELS='$(MODELS)' FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
-	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS)"
+	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS) ENSEMBLE_FLAGS='$(ENSEMBLE_FLAGS)'"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
 	@echo "           TRAIN_FLAGS='$(TRAIN_FLAGS)' SINGLE_FLAGS / MULTI_FLAGS / COORD_FLAGS: extra flags per model"
 	@echo "           SINGLE_EPOCHS=$(call epochs,SINGLE) MULTI_EPOCHS=$(call epochs,MULTI) COORD_EPOCHS=$(call epochs,COORD): one model's epochs"
@@ -100,6 +103,8 @@ upper = $(shell echo $(1) | tr a-z A-Z)
 given = $(if $(filter command line,$(origin $(1))),$($(1)))
 # a model's epochs, the first set of: SINGLE_EPOCHS (say) or EPOCHS on the command line, then the preset's
 epochs = $(or $(call given,$(1)_EPOCHS),$(call given,EPOCHS),$($(1)_EPOCHS),$(EPOCHS))
+infer_flags = --tta $(TTA) --use-folds $(FOLD_LIST)
+ensemble_flags = --weights $(WEIGHTS) $(ENSEMBLE_FLAGS)
 flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(call epochs,$(call upper,$(1))) \
 	--batch-size $(BATCH) $(TRAIN_FLAGS) $($(call upper,$(1))_FLAGS)
 # (`make -n` and `make -q` write nothing: a changed flags file is only treated as new.)
@@ -117,6 +122,8 @@ endef
 ifneq ($(filter-out help install lint test clean demo bench,$(or $(MAKECMDGOALS),help)),)
 $(eval $(call record,$(WORK)/preprocess_flags.txt,$(prep_flags)))
 $(foreach m,$(MODELS),$(eval $(call record,$(WORK)/runs/$(m)/flags.txt,$(call flags,$(m)))))
+$(eval $(call record,$(WORK)/inference_flags.txt,$(infer_flags)))
+$(eval $(call record,$(WORK)/ensemble_flags.txt,$(ensemble_flags)))
 endif
 
 # ---- 1. crops (eval.csv is written last: its presence means the stage finished; a rerun redoes only
@@ -136,12 +143,12 @@ endef
 $(foreach m,$(MODELS),$(foreach k,$(FOLDS),$(eval $(call train_fold,$(m),$(k)))))
 
 # ---- 4. predict the eval set with each model (its folds averaged)
-$(WORK)/runs/%/test_logits.npz: $(foreach k,$(FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json)
-	$(PY) inference.py --run $(WORK)/runs/$* --crops $(WORK)/crops --tta $(TTA) --use-folds $(FOLD_LIST) $(if $(ANSWERS),--answers $(ANSWERS))
+$(WORK)/runs/%/test_logits.npz: $(WORK)/inference_flags.txt $(foreach k,$(FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json)
+	$(PY) inference.py --run $(WORK)/runs/$* --crops $(WORK)/crops $(infer_flags) $(if $(ANSWERS),--answers $(ANSWERS))
 
 # ---- 5. ensemble -> the submission
-$(WORK)/submission.csv: $(foreach m,$(MODELS),$(WORK)/runs/$(m)/test_logits.npz)
-	$(PY) ensemble.py --runs $(foreach m,$(MODELS),$(WORK)/runs/$(m)) --weights $(WEIGHTS) --out $@ $(if $(ANSWERS),--answers $(ANSWERS))
+$(WORK)/submission.csv: $(WORK)/ensemble_flags.txt $(foreach m,$(MODELS),$(WORK)/runs/$(m)/test_logits.npz)
+	$(PY) ensemble.py --runs $(foreach m,$(MODELS),$(WORK)/runs/$(m)) $(ensemble_flags) --out $@ $(if $(ANSWERS),--answers $(ANSWERS))
 
 all: $(WORK)/submission.csv
 
@@ -164,6 +171,7 @@ bench: $(STAMP)
 	$(PY) bench/train_bench.py --crops $(BENCH_WORK)/crops --img-size 224 --batch-size 32 --backbone resnet18 --table $(BENCH_TABLE)
 	$(PY) bench/coord_bench.py --img-size 128 --table $(BENCH_TABLE)
 	$(PY) bench/infer_bench.py --crops $(BENCH_WORK)/crops --img-size 128 --table $(BENCH_TABLE)
+	$(PY) bench/memory_bench.py --crops $(BENCH_WORK)/crops --procs 1 2 --table $(BENCH_TABLE)
 	@echo; cat $(BENCH_TABLE)
 
 clean:

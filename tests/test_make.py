@@ -87,6 +87,10 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     assert "train_multi.py" in one_model and "--epochs 5" in one_model and "train_single.py" not in one_model
     new_fold = plan("FOLDS=0 1")
     assert "--fold 1" in new_fold and "--fold 0" not in new_fold
+    tta = plan("TTA=none")
+    assert "inference.py" in tta and "--tta none" in tta and "ensemble.py" in tta and "train_" not in tta
+    weights = plan("WEIGHTS=equal")
+    assert "ensemble.py" in weights and "--weights equal" in weights and "inference.py" not in weights
 
 
 def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one(tmp_path):
