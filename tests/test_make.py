@@ -98,8 +98,9 @@ def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one
         plan = make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", *args).stdout
         return {m: re.search(rf"train_{m}\.py .*--epochs (\d+)", plan).group(1) for m in ("single", "multi", "coord")}
 
+    assert epochs("PRESET=gpu")["coord"] != epochs("PRESET=gpu")["multi"]  # the preset gives coord epochs of its own
     for preset in ("PRESET=cpu", "PRESET=gpu"):
-        assert epochs(preset)["coord"] != epochs(preset)["multi"]  # the presets give coord epochs of its own
-        assert epochs(preset, "EPOCHS=3") == {"single": "3", "multi": "3", "coord": "3"}
-        assert epochs(preset, "EPOCHS=3", "SINGLE_EPOCHS=7") == {"single": "7", "multi": "3", "coord": "3"}
+        every = (preset, "MODELS=single multi coord")
+        assert epochs(*every, "EPOCHS=4") == {"single": "4", "multi": "4", "coord": "4"}
+        assert epochs(*every, "EPOCHS=4", "SINGLE_EPOCHS=7") == {"single": "7", "multi": "4", "coord": "4"}
     assert not list(tmp_path.iterdir())  # a plan writes nothing
