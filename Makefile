@@ -14,7 +14,7 @@ PRESET ?= cpu
 # ---- presets: every variable can still be set on the command line (make all EPOCHS=3)
 ifeq ($(PRESET),gpu)
 # chosen by 3-5 fold CV on one GPU (EXPERIMENTS.md): 224 px, lite2 and more epochs did not beat lite0 at
-# 128 px; what a GPU buys here is all five folds (inference averages them)
+# 128 px; what a GPU buys here is all three models on the five folds, and 10 epochs for the single one
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 128
 EPOCHS ?= 6

@@ -15,6 +15,7 @@ A few steps touch only part of the cache; a whole epoch maps all of it (one copy
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,3 +107,4 @@ for n in args.procs:
         (f"{what}: peak RSS each; PSS summed; cache pages copied", f"{rss} MB; {pss_sum:.0f} MB; {copied:.0f} MB")
     )
 bench_rows(args.table, rows)
+shutil.rmtree(work)  # the short runs' checkpoints and logs
