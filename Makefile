@@ -34,7 +34,7 @@ BATCH ?= 32
 else
 # five folds of 3 epochs (chosen by CV on the bench train split, EXPERIMENTS.md): their out-of-fold predictions
 # cover every training image, so ensemble.py can fit its decision rule (--adjust: OOF F1 0.537 -> 0.563
-# cross-validated); one model, since adding train_multi's five folds did not raise that (0.556) at twice the time.
+# cross-validated); one model, since adding train_multi's five folds raised that by 0.003 at twice the time.
 # MODELS="single multi coord" trains all three (a coordinate step costs three passes).
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 128
@@ -54,8 +54,8 @@ SEED ?= 42
 WORKERS ?= $(shell nproc)
 TTA ?= flip
 WEIGHTS ?= f1
-# per-class offsets for macro F1, fitted on the out-of-fold predictions; ensemble.py applies them only where
-# they help out of fold (cross-validated over persons): with all five folds' OOF they did (EXPERIMENTS.md)
+# one offset per age band for macro F1, fitted on the out-of-fold predictions; ensemble.py applies them only
+# where they help out of fold (cross-validated over persons): with all five folds' OOF they did (EXPERIMENTS.md)
 ENSEMBLE_FLAGS ?= --adjust
 CROP_SIZE ?= 256
 PREP_FLAGS ?=

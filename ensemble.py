@@ -6,8 +6,8 @@
 Members are run folders (their test_logits.npz and fold*/oof.npz) or bare logits .npz files.
 --weights f1 | equal | opt | 0.5,0.3,0.2 ; --method soft (mean probabilities) | hard (votes);
 --per-task takes the argmax of each task and recombines, instead of the joint 18-class argmax;
---adjust adds per-class log-prior offsets fitted on the out-of-fold predictions for macro F1
-(cross-validated over persons; applied only if they help out of fold).
+--adjust adds log-prior offsets fitted on the out-of-fold predictions for macro F1, one per age band
+(--adjust-by age) or per class (class); cross-validated over persons, applied only if they help out of fold.
 Writes OUT (ImageID,ans), OUT with .json (the report) and _logits.npz beside it. Seconds.
 """
 
@@ -39,7 +39,9 @@ parser.add_argument("--runs", nargs="+", required=True, help="run folders or log
 parser.add_argument("--weights", default="f1", help="f1 | equal | opt | comma-separated numbers, one per member")
 parser.add_argument("--method", choices=["soft", "hard"], default="soft", help="mean probabilities, or votes")
 parser.add_argument("--per-task", action="store_true", help="argmax per task, then recombine into 18 classes")
-parser.add_argument("--adjust", action="store_true", help="per-class offsets for macro F1, fitted out of fold")
+parser.add_argument("--adjust", action="store_true", help="log-prior offsets for macro F1, fitted out of fold")
+parser.add_argument("--adjust-by", choices=["age", "class"], default="age",
+                    help="one offset per age band, shared by mask and gender (3), or one per class (18)")  # fmt: skip
 parser.add_argument("--out", default="WORK/submission.csv", help="submission to write")
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans: score members and ensemble")
 parser.add_argument("--seed", type=int, default=0, help="for the person split of the out-of-fold checks")
@@ -118,19 +120,21 @@ def macro_f1(labels, pred):
 OFFSET_GRID = np.linspace(-1.5, 1.5, 13)
 
 
-def fit_offsets(logp, labels, grid=OFFSET_GRID, passes=2):
-    """Per-class log-prior offsets, by coordinate ascent on macro F1."""
-    b = np.zeros(18)
-    best = macro_f1(labels, (logp + b).argmax(1))
+def fit_offsets(logp, labels, shared_by, grid=OFFSET_GRID, passes=2):
+    """Log-prior offsets by coordinate ascent on macro F1: class c gets offset number shared_by[c].
+    One per age band fits 3 numbers instead of 18 from the same images: per class, two runs of one
+    recipe got different offsets, and both did worse out of fold (EXPERIMENTS.md)."""
+    b = np.zeros(shared_by.max() + 1)
+    best = macro_f1(labels, (logp + b[shared_by]).argmax(1))
     for _ in range(passes):
-        for c in range(18):
+        for g in range(len(b)):
             for v in grid:
                 trial = b.copy()
-                trial[c] = v
-                f = macro_f1(labels, (logp + trial).argmax(1))
+                trial[g] = v
+                f = macro_f1(labels, (logp + trial[shared_by]).argmax(1))
                 if f > best + 1e-9:
                     best, b = f, trial
-    return b
+    return b[shared_by]
 
 
 def person_halves(ids, seed):
@@ -212,15 +216,20 @@ def main():
         if args.adjust:
             if args.per_task:
                 raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
+            shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
+
+            def fit(rows):
+                return fit_offsets(combined["label"][rows], labels[rows], shared_by)
+
             a, b = person_halves(oof_ids, args.seed)
             held = np.empty(len(labels), dtype=int)
-            for fit, check in ((a, b), (b, a)):
-                held[check] = (combined["label"][check] + fit_offsets(combined["label"][fit], labels[fit])).argmax(1)
+            for fit_rows, check in ((a, b), (b, a)):
+                held[check] = (combined["label"][check] + fit(fit_rows)).argmax(1)
             cv_with = macro_f1(labels, held)
             applied = cv_with > ens_oof
-            offsets = fit_offsets(combined["label"], labels) if applied else None
-            report["adjust"] = dict(oof_f1_without=round(ens_oof, 4), oof_f1_with_cross_validated=round(cv_with, 4),
-                                    applied=bool(applied),
+            offsets = fit(np.ones(len(labels), bool)) if applied else None
+            report["adjust"] = dict(by=args.adjust_by, oof_f1_without=round(ens_oof, 4),
+                                    oof_f1_with_cross_validated=round(cv_with, 4), applied=bool(applied),
                                     offsets=None if offsets is None else offsets.round(3).tolist())  # fmt: skip
             print(f"adjust: out-of-fold F1 {ens_oof:.4f} -> {cv_with:.4f} (cross-validated over persons): "
                   + ("applied" if applied else "not applied"))  # fmt: skip

@@ -109,6 +109,31 @@ def test_answers_score_line_and_adjust_report(members, tmp_path):
     assert "opt_note" in rep and set(rep["test_members"]) == {"a", "b"}
 
 
+def test_adjust_shares_one_offset_per_age_band_and_fixes_an_age_bias(tmp_path):
+    # a member that calls most 60-and-over faces 30-59: a raised old-band offset fixes it out of fold
+    rng = np.random.default_rng(1)
+    oof_ids = [f"{p:06d}/mask{k}" for p in range(150) for k in range(1, 3)]
+    labels = rng.integers(0, 18, len(oof_ids))
+    oof_p = random_probs(rng, len(oof_ids)) * 0.2
+    oof_p[np.arange(len(labels)), labels] += 0.5
+    old = split_class(labels)[2] == 2
+    oof_p[np.flatnonzero(old), labels[old] - 1] += 0.6  # the same mask and gender, one band younger
+    oof_p /= oof_p.sum(1, keepdims=True)
+    test_ids = [f"t{i}.jpg" for i in range(40)]
+    member = make_member(tmp_path / "a", test_ids, random_probs(rng, 40), oof_ids, oof_p, labels)
+    out = tmp_path / "sub.csv"
+    run("ensemble.py", "--runs", member, "--adjust", "--out", out)
+    adjust = report(out)["adjust"]
+    assert adjust["by"] == "age" and adjust["applied"]
+    assert adjust["oof_f1_with_cross_validated"] > adjust["oof_f1_without"]
+    offsets = np.array(adjust["offsets"]).reshape(6, 3)  # class = (mask, gender) x age band
+    assert (offsets == offsets[0]).all() and offsets[0, 2] > offsets[0, 1]
+    test = np.load(member / "test_logits.npz")["logp_label"]  # the submission is argmax with the offsets
+    assert pd.read_csv(out)["ans"].tolist() == (test + np.array(adjust["offsets"])).argmax(1).tolist()
+    run("ensemble.py", "--runs", member, "--adjust", "--adjust-by", "class", "--out", out)
+    assert report(out)["adjust"]["by"] == "class" and len(report(out)["adjust"]["offsets"]) == 18
+
+
 def test_bad_weights_are_refused(members, tmp_path):
     proc = run("ensemble.py", "--runs", *members, "--weights", "1,2,3", "--out", tmp_path / "s.csv", check=False)
     assert proc.returncode == 2 and "need 2" in last_line(proc.stderr)
