@@ -221,8 +221,8 @@ def main():
             def fit(rows):
                 return fit_offsets(combined["label"][rows], labels[rows], shared_by)
 
-            # 5 folds by person, 3 times: one split in two halves flipped the decision between two
-            # runs of one recipe, as the gain is small (EXPERIMENTS.md)
+            # 5 folds by person, 3 times: for a gain this small one split in two halves is too noisy
+            # (it said no where these 15 fits say yes: EXPERIMENTS.md)
             cv_f1 = []
             for repeat in range(3):
                 held = np.empty(len(labels), dtype=int)
