@@ -34,8 +34,8 @@ FOLDS ?= 0
 BATCH ?= 32
 else
 # five folds of 3 epochs (chosen by CV on the bench train split, EXPERIMENTS.md): their out-of-fold predictions
-# cover every training image, so ensemble.py can fit its decision rule (--adjust: OOF F1 0.537 -> 0.563
-# cross-validated); one model, since adding train_multi's five folds raised that by 0.003 at twice the time.
+# cover every training image, so ensemble.py can fit its decision rule (--adjust: OOF F1 0.537 -> 0.573
+# cross-validated); one model, since adding train_multi's five folds did not raise that (0.558) at twice the time.
 # MODELS="single multi coord" trains all three (a coordinate step costs three passes).
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 128
