@@ -649,7 +649,10 @@ def train_parser(doc):
     g.add_argument("--cutmix", type=float, default=0.0, help="probability a batch is CutMixed")
     g.add_argument("--cutmix-vertical", action="store_true", help="CutMix with full-height vertical strips")
     g.add_argument("--mixup", type=float, default=0.0, help="probability a batch is MixUped")
-    g.add_argument("--old-mixup", type=float, default=0.0, help="blend an old person with another of the same class")
+    g.add_argument(
+        "--old-mixup", type=float, default=0.0,
+        help="probability a face of the old band is blended with another training face of its class (0.5-0.9 its own)",
+    )  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=6)
     g.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun ranks)")

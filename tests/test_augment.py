@@ -88,3 +88,22 @@ def test_erasing_blanks_one_box_of_5_to_25_percent_with_the_background():
     assert (blank[~erased] == 0).all()
     assert ((blank[erased] > 0.03) & (blank[erased] < 0.3)).all(), blank[erased]
     assert math.isclose(float(erased.float().mean()), 0.5, abs_tol=0.2)
+
+
+def test_old_mixup_blends_old_faces_only_with_their_own_class():
+    # images 0-2: class 2 (old man, mask worn), image 3 alone in class 5, images 4-5 young: flat greys, far apart
+    grey = torch.tensor([10.0, 20.0, 30.0, 250.0, 120.0, 160.0])
+    data = Namespace(
+        images=grey.view(-1, 1, 1, 1).expand(6, 8, 8, 3).to(torch.uint8).contiguous(),
+        targets={"label": torch.tensor([2, 2, 2, 5, 0, 0]), "age": torch.tensor([2, 2, 2, 2, 0, 0])},
+        old_pool={2: torch.tensor([0, 1, 2]), 5: torch.tensor([3])},
+    )
+    out = augment(data, old_mixup=1.0)  # every old image is blended
+    r, _ = draws(6)
+    raw = out[:, 0, 0, 0] * STD[0] * 255 + MEAN[0] * 255  # back to 0..255
+    lam = 0.5 + 0.4 * r["c"]
+    partner = torch.tensor([[0, 1, 2][int(r["b"][i] * 3) % 3] for i in range(3)])
+    expected = (lam[:3] * grey[:3] + (1 - lam[:3]) * grey[partner]).round()
+    torch.testing.assert_close(raw[:3], expected, atol=1e-3, rtol=0)
+    assert (partner != torch.arange(3)).any()  # the seed blends at least one with another face
+    torch.testing.assert_close(raw[3:], grey[3:], atol=1e-3, rtol=0)  # alone in its class, and the young: unchanged

@@ -314,6 +314,21 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops
     assert (tmp_path / "fold0" / "best.pt").read_bytes() == good
 
 
+def test_old_mixup_pools_the_training_fold_old_persons_by_class(crops):
+    # the pool --old-mixup draws partners from: old-band training rows only, never a validation person
+    from common import load_fold, train_parser
+
+    args = train_parser("").parse_args(["--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"),
+                                        "--img-size", "32", "--old-age", "58"])  # fmt: skip
+    data = load_fold(args, 1, machine(torch.device("cpu"), "fp32", "off"))
+    pooled = torch.cat(list(data.old_pool.values())).sort().values
+    old_train = data.train_rows[data.targets["age"][data.train_rows] == 2]
+    assert len(pooled) > 0 and torch.equal(pooled, old_train.sort().values)
+    assert not set(pooled.tolist()) & set(data.val_rows.tolist())
+    for label, rows in data.old_pool.items():
+        assert (data.targets["label"][rows] == label).all()
+
+
 @pytest.mark.parametrize(
     "script, flags",
     [
