@@ -22,9 +22,11 @@ from common import (
     create_backbone,
     focal_loss,
     load_checkpoint,
+    load_fold,
     machine,
     make_loss,
     soft_f1_loss,
+    train_parser,
 )
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--img-size", 32, "--batch-size", 16,
@@ -316,8 +318,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops
 
 def test_old_mixup_pools_the_training_fold_old_persons_by_class(crops):
     # the pool --old-mixup draws partners from: old-band training rows only, never a validation person
-    from common import load_fold, train_parser
-
     args = train_parser("").parse_args(["--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"),
                                         "--img-size", "32", "--old-age", "58"])  # fmt: skip
     data = load_fold(args, 1, machine(torch.device("cpu"), "fp32", "off"))
