@@ -1151,30 +1151,69 @@ def build_model(args, head_sizes, env, own=None, age_hidden=0):
     if env.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.device.type == "cpu" and env.input_dtype == torch.bfloat16:
-        train_depthwise_in_fp32(model)
+        fast_depthwise_training(model)
     cfg = backbones["shared"].pretrained_cfg
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=env.device)
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=env.device)
     return model, mean, std
 
 
-def train_depthwise_in_fp32(model):
-    """On CPU, bf16 training of depthwise convolutions with a 5x5 kernel or a stride of 2 is 2-4x slower
-    than fp32 (their bf16 backward is slow in oneDNN; 3x3 stride-1 ones are fine), while their bf16
-    forward is faster. So those layers train in fp32 and predict in bf16: measured here, tf_efficientnet_lite0
-    trains 1.45x faster at 128 and 224 px (bench/train_bench.py shows the effect on your CPU).
+def fast_depthwise_training(model):
+    """On CPU, oneDNN's bf16 backward of depthwise convolutions is 2-100x slower than fp32 for some shapes
+    (per layer, on an AMX CPU: the input gradient when strided, the weight gradient of 5x5 kernels), while
+    their bf16 forward is fast. So those layers (5x5 or strided; 3x3 stride-1 ones are fast either way) run
+    forward in bf16 and take each half of the backward in the precision that is fast for it: lite0 trains
+    1.2x faster at 128 px and 1.4x at 224 px than with these layers in fp32 (EXPERIMENTS.md, Speed notes).
     A bound method, not a closure, so that copies of the model (EMA, SWA) call their own weights."""
+    from timm.layers import Conv2dSame
+
     for conv in model.modules():
-        depthwise = isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels > 1
+        plain = type(conv) in (nn.Conv2d, Conv2dSame) and conv.padding_mode == "zeros"
+        depthwise = plain and conv.groups == conv.in_channels > 1
         if depthwise and (max(conv.kernel_size) > 3 or max(conv.stride) > 1):
-            conv.forward = MethodType(_fp32_when_training, conv)
+            conv.forward = MethodType(_depthwise_forward, conv)
 
 
-def _fp32_when_training(conv, x):
+def _depthwise_forward(conv, x):
     if not conv.training:
         return type(conv).forward(conv, x)
+    padding = conv.padding
+    if type(conv) is not nn.Conv2d:  # timm's Conv2dSame: TF 'same' padding, which depends on x's size
+        from timm.layers import pad_same
+
+        x, padding = pad_same(x, conv.kernel_size, conv.stride, conv.dilation), (0, 0)
     with torch.autocast("cpu", enabled=False):
-        return type(conv).forward(conv, x.float())
+        return DepthwiseConv.apply(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """conv2d in bf16. Backward: the input gradient in bf16 at stride 1, in fp32 when strided; the weight
+    gradient in bf16 for 3x3 kernels, in fp32 for larger ones (what oneDNN does fast on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        x = x.to(torch.bfloat16)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, False, [0, 0], groups)
+        bias = bias.to(torch.bfloat16) if bias is not None else None
+        return F.conv2d(x, weight.to(torch.bfloat16), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y, grad_y32, weight16 = grad_y.to(torch.bfloat16), grad_y.float(), weight.to(torch.bfloat16)
+        strided, small_kernel = max(ctx.conf[0]) > 1, max(weight.shape[-2:]) <= 3
+        backward = torch.ops.aten.convolution_backward  # (grad_y, x, weight, bias sizes, *conf, which)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            gy, w = (grad_y32, weight) if strided else (grad_y, weight16)
+            grad_x = backward(gy, x, w, None, *ctx.conf, [True, False, False])[0].to(torch.bfloat16)
+        if ctx.needs_input_grad[1]:
+            gy, xw, w = (grad_y, x, weight16) if small_kernel else (grad_y32, x.float(), weight)
+            grad_weight = backward(gy, xw, w, None, *ctx.conf, [False, True, False])[1].float()
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y32.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def own_backbones(args):

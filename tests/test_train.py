@@ -20,6 +20,7 @@ from common import (
     DataError,
     build_model,
     create_backbone,
+    fast_depthwise_training,
     focal_loss,
     load_checkpoint,
     load_fold,
@@ -212,23 +213,41 @@ def loss_args(**kw):
     return Namespace(**(dict(label_smoothing=0.1, ldam_margin=0.5, focal_gamma=2.0, focal_alpha=1.0) | kw))
 
 
-def test_cpu_bf16_trains_strided_and_5x5_depthwise_convs_in_fp32():
+@pytest.mark.parametrize("kernel,stride", [(5, 1), (3, 2), (5, 2)])
+@pytest.mark.parametrize("same", [False, True])
+def test_cpu_bf16_depthwise_conv_matches_fp32_in_value_and_gradients(kernel, stride, same):
+    from timm.layers import create_conv2d
+
+    torch.manual_seed(0)
+    conv = create_conv2d(16, 16, kernel, stride=stride, padding="same" if same else "", depthwise=True, bias=True)
+    x = torch.randn(2, 16, 15, 15).to(memory_format=torch.channels_last).bfloat16().requires_grad_()
+    y_fp32 = type(conv).forward(conv, x.float())  # the reference: the module's own fp32 forward
+    grad_y = torch.randn_like(y_fp32)
+    expected = torch.autograd.grad(y_fp32, [x, conv.weight, conv.bias], grad_y)
+    fast_depthwise_training(conv)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = conv.train()(x)
+    got = torch.autograd.grad(y, [x, conv.weight, conv.bias], grad_y.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == y_fp32.shape
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for a, b in zip([y, *got], [y_fp32, *expected]):
+        assert (a.float() - b).norm() / b.norm() < 0.01  # bf16 rounding, not a wrong gradient
+
+
+def test_cpu_bf16_swaps_in_the_fast_depthwise_conv_for_strided_and_5x5_ones_only():
     import copy
 
     args = Namespace(backbone="mobilenetv3_small_050", pretrained="none", head_dropout=0.0, dropout_samples=1)
     model, _, _ = build_model(args, {"label": 18}, machine(torch.device("cpu"), "bf16", "on"))
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    fp32 = {n for n, m in convs.items() if m.groups > 1 and (max(m.kernel_size) > 3 or max(m.stride) > 1)}
-    assert fp32 and any(convs[n].groups > 1 for n in set(convs) - fp32)  # 3x3 stride-1 depthwise ones too
-    dtypes = {}
-    for n, m in convs.items():
-        m.register_forward_hook(lambda m, i, out, n=n: dtypes.__setitem__(n, out.dtype))
+    slow = {n for n, m in convs.items() if m.groups > 1 and (max(m.kernel_size) > 3 or max(m.stride) > 1)}
+    assert slow and any(convs[n].groups > 1 for n in set(convs) - slow)  # 3x3 stride-1 depthwise ones too
+    assert {n for n, m in convs.items() if "forward" in vars(m)} == slow
     x = torch.randn(4, 3, 64, 64).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", torch.bfloat16):
-        model.train()(x)
-        assert {n for n, d in dtypes.items() if d == torch.float32} == fp32
+        model.train()(x)["label"].float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
         predicted = model.eval()(x)["label"]
-        assert set(dtypes.values()) == {torch.bfloat16}
         # a copy (as EMA and SWA make) runs its own weights, not the original's
         ema = copy.deepcopy(model)
         with torch.no_grad():
