@@ -1206,8 +1206,11 @@ class DepthwiseConv(torch.autograd.Function):
         backward = torch.ops.aten.convolution_backward  # (grad_y, x, weight, bias sizes, *conf, which)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            gy, w = (grad_y32, weight) if strided else (grad_y, weight16)
-            grad_x = backward(gy, x, w, None, *ctx.conf, [True, False, False])[0].to(torch.bfloat16)
+            if strided:  # in fp32: x's values are not read, only its shape and layout, so an empty fp32 twin
+                gy, xg, w = grad_y32, torch.empty_like(x, dtype=torch.float32), weight
+            else:
+                gy, xg, w = grad_y, x, weight16
+            grad_x = backward(gy, xg, w, None, *ctx.conf, [True, False, False])[0].to(torch.bfloat16)
         if ctx.needs_input_grad[1]:
             gy, xw, w = (grad_y, x, weight16) if small_kernel else (grad_y32, x.float(), weight)
             grad_weight = backward(gy, xw, w, None, *ctx.conf, [False, True, False])[1].float()

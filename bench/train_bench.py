@@ -16,8 +16,8 @@ with the ratios (a)/(b) and (a)/(c), and the data paths alone (no model): batche
 How much (a) gains over (b) depends on the backbone as much as on the data path: bf16 units speed up
 dense convolutions about 3x (resnet18/50 at 224 px, measured on an AMX CPU) and depthwise ones less
 (EfficientNet compute 2.2-2.4x, with `common.fast_depthwise_training`), so `make bench` runs
-tf_efficientnet_lite0, efficientnet_b0 and resnet18 at 224 px. On a CPU
-without bf16 units both run fp32 and (a) gains what channels_last gives (lite0 1.55x on AVX2, resnet18 1.06x).
+tf_efficientnet_lite0, efficientnet_b0 and resnet18 at 224 px. On a CPU without bf16 units both run fp32
+and (a) gains what channels_last gives (lite0 1.55x on AVX2, resnet18 1.06x).
 """
 
 import argparse

@@ -215,8 +215,11 @@ def loss_args(**kw):
 
 @pytest.mark.parametrize("kernel,stride", [(5, 1), (3, 2), (5, 2)])
 @pytest.mark.parametrize("same", [False, True])
-def test_cpu_bf16_depthwise_conv_matches_fp32_in_value_and_gradients(kernel, stride, same):
+@pytest.mark.parametrize("onednn", [True, False])  # CPUs without bf16 units take PyTorch's own kernels
+def test_cpu_bf16_depthwise_conv_matches_fp32_in_value_and_gradients(kernel, stride, same, onednn, monkeypatch):
     from timm.layers import create_conv2d
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
 
     torch.manual_seed(0)
     conv = create_conv2d(16, 16, kernel, stride=stride, padding="same" if same else "", depthwise=True, bias=True)
