@@ -1163,7 +1163,7 @@ def fast_depthwise_training(model):
     (per layer, on an AMX CPU: the input gradient when strided, the weight gradient of 5x5 kernels), while
     their bf16 forward is fast. So those layers (5x5 or strided; 3x3 stride-1 ones are fast either way) run
     forward in bf16 and take each half of the backward in the precision that is fast for it: lite0 trains
-    1.2x faster at 128 px and 1.3-1.4x at 224 px than with these layers in fp32 (EXPERIMENTS.md, Speed notes).
+    1.15-1.2x faster at 128 px and 1.15-1.4x at 224 px than with these layers in fp32 (EXPERIMENTS.md, Speed notes).
     A bound method, not a closure, so that copies of the model (EMA, SWA) call their own weights."""
     from timm.layers import Conv2dSame
 
