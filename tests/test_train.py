@@ -215,7 +215,7 @@ def loss_args(**kw):
 
 @pytest.mark.parametrize("kernel,stride", [(5, 1), (3, 2), (5, 2)])
 @pytest.mark.parametrize("same", [False, True])
-@pytest.mark.parametrize("onednn", [True, False])  # CPUs without bf16 units take PyTorch's own kernels
+@pytest.mark.parametrize("onednn", [True, False])  # CPUs without oneDNN bf16 take PyTorch's own kernels
 def test_cpu_bf16_depthwise_conv_matches_fp32_in_value_and_gradients(kernel, stride, same, onednn, monkeypatch):
     from timm.layers import create_conv2d
 
