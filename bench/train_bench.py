@@ -9,19 +9,23 @@
 (c) compute only: (a)'s model stepping on one batch already in memory;
 (d) the same in (b)'s fp32 default layout: (c)/(d) is what our precision and layout gain on this machine
     (on one H200 lite0 at 224 px b32 compute ran no faster in bf16 + channels_last than (b) end to end).
+(b') (b) in a process of its own with glibc's default malloc, as the usual loop runs: on a CPU our engine keeps
+    freed memory in the process (`common.keep_freed_memory`), a process-wide setting, so (b) in our process
+    gets it too. (a)/(b) is what the engine gains beyond that setting, (a)/(b') all it gains.
 They run in alternation (rounds), so a busy machine slows all ways alike; medians are printed,
-with the ratios (a)/(b) and (a)/(c), and the data paths alone (no model): batches/s of our cache
-+ device augmentation against the seed-style DataLoader.
+with the ratios (a)/(b), (a)/(b') and (a)/(c), and the data paths alone (no model): batches/s of our cache
++ device augmentation against the seed-style DataLoader (in our process and in its own).
 
 How much (a) gains over (b) depends on the backbone as much as on the data path: bf16 units speed up
 dense convolutions about 3x (resnet18/50 at 224 px, measured on an AMX CPU) and depthwise ones less
-(EfficientNet compute 2.2-2.4x, with `common.fast_depthwise_training`), so `make bench` runs
+(EfficientNet compute 1.8-2.4x, with `common.fast_depthwise_training` and `common.fast_relu6`), so `make bench` runs
 tf_efficientnet_lite0, efficientnet_b0 and resnet18 at 224 px. On a CPU without bf16 units both run fp32
 and (a) gains what channels_last gives (lite0 1.55x on AVX2, resnet18 1.06x).
 """
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from argparse import Namespace
@@ -36,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
     bench_rows,
     build_model,
+    keep_freed_memory,
     load_crops,
     machine,
     make_batch,
@@ -55,10 +60,11 @@ parser.add_argument("--steps", type=int, default=6, help="timed steps per way pe
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style loop")
+parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)  # (b'): the child below
 args = parser.parse_args()
-
-index, cache = load_crops(args.crops, "train", args.img_size)
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+own_malloc = device.type == "cpu" and not args.seed_process and keep_freed_memory()  # as common.setup does
+index, cache = load_crops(args.crops, "train", args.img_size)
 env = machine(device)
 cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
                 lr=1e-3, weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, flip=0.5, color=0.2, ssr=0.08,
@@ -128,10 +134,6 @@ def our_batch(mean, std):
     return make_batch(data, rows, cfg, env, gen, mean, std, args.batch_size)
 
 
-fast, slow = new_model(True), new_model(False)
-fixed_x, fixed_y = our_batch(fast[3], fast[4])
-
-
 PREFETCHED = args.loader_workers * 2  # DataLoader's default prefetch_factor is 2 batches per worker
 
 
@@ -158,6 +160,38 @@ def b_seed():
     step(*slow[:3], x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
 
+def timed_seed(way):
+    # the DataLoader ways drain the batches its workers made while others ran, then run 4x the
+    # steps: otherwise batches made in advance flatter the seed-style loop (seen on a GPU).
+    # The data path alone runs 8x the steps: without a model a step is too short to time.
+    if way == "b":
+        return timed(b_seed, PREFETCHED + 1, 4 * args.steps)
+    return timed(seed_batch, PREFETCHED + 1, 8 * args.steps)
+
+
+slow = new_model(False)
+if args.seed_process:  # (b') the child: times the seed-style loop whenever the parent says which way
+    print("ready", flush=True)
+    for way in sys.stdin:
+        print(timed_seed(way.strip()), flush=True)
+    sys.exit()
+if own_malloc:
+    child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--seed-process"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    while child.stdout.readline().strip() != "ready":
+        pass
+
+
+def in_child(way):
+    child.stdin.write(way + "\n")
+    child.stdin.flush()
+    return float(child.stdout.readline())
+
+
+fast = new_model(True)
+fixed_x, fixed_y = our_batch(fast[3], fast[4])
+
+
 def c_compute():
     step(*fast[:3], fixed_x, fixed_y["label"])
 
@@ -169,17 +203,20 @@ def d_compute_fp32():
     step(*slow[:3], fixed_x_fp32, fixed_y["label"])
 
 
-ways = dict(a_ours=a_ours, b_seed=b_seed, c_compute=c_compute, d_compute_fp32=d_compute_fp32,
-            data_ours=lambda: our_batch(fast[3], fast[4]), data_seed=seed_batch)  # fmt: skip
+ways = dict(a_ours=lambda: timed(a_ours), b_seed=lambda: timed_seed("b"), c_compute=lambda: timed(c_compute),
+            d_compute_fp32=lambda: timed(d_compute_fp32),
+            data_ours=lambda: timed(lambda: our_batch(fast[3], fast[4]), 1, 8 * args.steps),
+            data_seed=lambda: timed_seed("data"))  # fmt: skip
+if own_malloc:
+    ways |= dict(b_seed_own_process=lambda: in_child("b"), data_seed_own_process=lambda: in_child("data"))
 results = {k: [] for k in ways}
 for r in range(args.rounds):
-    for k, fn in ways.items():
-        # the DataLoader ways drain the batches its workers made while others ran, then run 4x the
-        # steps: otherwise batches made in advance flatter the seed-style loop (seen on a GPU).
-        # The data paths alone run 8x the steps: without a model a step is too short to time.
-        seed, data_only = k.endswith("seed"), k.startswith("data")
-        results[k].append(timed(fn, PREFETCHED + 1 if seed else 1, args.steps * (8 if data_only else 4 if seed else 1)))
+    for k, way in ways.items():
+        results[k].append(way())
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
+if own_malloc:
+    child.stdin.close()
+    child.wait()
 med = {k: statistics.median(v) for k, v in results.items()}
 print(
     f"\n{args.backbone} at {args.img_size} px, batch {args.batch_size}, {device}, ours in {env.precision}"
@@ -187,15 +224,27 @@ print(
 )
 print(f"(a) ours               {med['a_ours']:7.1f} img/s")
 print(f"(b) seed-style loop    {med['b_seed']:7.1f} img/s")
+if own_malloc:
+    print(f"(b') (b), own process   {med['b_seed_own_process']:7.1f} img/s  (glibc's default malloc)")
 print(f"(c) compute only       {med['c_compute']:7.1f} img/s")
 print(f"(d) (c) in fp32, NCHW  {med['d_compute_fp32']:7.1f} img/s")
 print(f"(c)/(d) = {med['c_compute'] / med['d_compute_fp32']:.2f}x: what our precision and layout gain here")
 print(f"(a)/(b) = {med['a_ours'] / med['b_seed']:.2f}x   (a)/(c) = {med['a_ours'] / med['c_compute']:.2f}")
+if own_malloc:
+    print(f"(a)/(b') = {med['a_ours'] / med['b_seed_own_process']:.2f}x")
 print(f"data path alone: ours {med['data_ours']:.0f} img/s, seed DataLoader {med['data_seed']:.0f} img/s, "
       f"{med['data_ours'] / med['data_seed']:.1f}x")  # fmt: skip
+if own_malloc:
+    print(f"                 seed DataLoader in its own process {med['data_seed_own_process']:.0f} img/s, "
+          f"{med['data_ours'] / med['data_seed_own_process']:.1f}x")  # fmt: skip
 what = f"train {args.backbone} {args.img_size} px batch {args.batch_size} {device.type}"
 
 pairs = [("(a) ours / (b) seed-style", "a_ours", "b_seed"), ("(a) ours / (c) compute only", "a_ours", "c_compute"),
          ("compute only, our precision and layout / fp32 default layout", "c_compute", "d_compute_fp32"),
          ("data path alone, ours / seed loader", "data_ours", "data_seed")]  # fmt: skip
+if own_malloc:
+    pairs += [
+        ("(a) ours / (b') seed-style in its own process, default malloc", "a_ours", "b_seed_own_process"),
+        ("data path alone, ours / seed loader in its own process", "data_ours", "data_seed_own_process"),
+    ]
 bench_rows(args.table, [(f"{what}: {label}", versus(med[a], med[b], "img/s")) for label, a, b in pairs])

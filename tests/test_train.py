@@ -21,6 +21,7 @@ from common import (
     build_model,
     create_backbone,
     fast_depthwise_training,
+    fast_relu6,
     focal_loss,
     load_checkpoint,
     load_fold,
@@ -258,6 +259,67 @@ def test_cpu_bf16_swaps_in_the_fast_depthwise_conv_for_strided_and_5x5_ones_only
                 w.mul_(0.5)
             assert not torch.equal(ema(x)["label"], predicted)
             assert torch.equal(model(x)["label"], predicted)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_cpu_bf16_relu6_on_the_bits_equals_the_real_clamp_in_value_and_gradient(inplace):
+    act, reference = torch.nn.ReLU6(inplace=inplace), torch.nn.ReLU6(inplace=inplace)
+    fast_relu6(act)
+    torch.manual_seed(0)
+    x = (torch.randn(8, 16, 9, 9) * 5).to(memory_format=torch.channels_last).bfloat16()
+    x[0, :8, 0, 0] = torch.tensor([0.0, -0.0, 6.0, 6.03, 5.97, -1e-30, float("inf"), float("-inf")])
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_ref = act(x_fast * 1), reference(x_ref * 1)  # * 1: an in-place op may not take a leaf
+    assert y_fast.dtype == torch.bfloat16 and y_fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_fast, y_ref) and 0 < (y_fast == 6).sum() < (y_fast == 0).sum() < y_fast.numel()
+    grad = torch.randn_like(y_ref)
+    y_fast.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(x_fast.grad, x_ref.grad)
+    with torch.inference_mode():
+        kept = x.clone()
+        assert torch.equal(act(kept), reference(x.clone()))
+        assert torch.equal(kept, x) != inplace  # in place only when asked
+
+
+def test_cpu_bf16_model_with_the_fast_relu6_trains_bit_identically():
+    import copy
+
+    args = Namespace(backbone="mobilenetv2_035", pretrained="none", head_dropout=0.0, dropout_samples=1)
+    model, _, _ = build_model(args, {"label": 18}, machine(torch.device("cpu"), "bf16", "on"))
+    acts = [m for m in model.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert acts and all("forward" in vars(m) for m in acts)
+    plain = copy.deepcopy(model)
+    for act in plain.modules():
+        vars(act).pop("forward", None) if isinstance(act, torch.nn.ReLU6) else None
+    x = torch.randn(4, 3, 64, 64).to(memory_format=torch.channels_last)
+    for m in (model, plain):
+        with torch.autocast("cpu", torch.bfloat16):
+            m.train()(x)["label"].float().logsumexp(1).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_keep_freed_memory_spares_the_page_faults_of_a_large_allocation_made_again():
+    code = """if True:
+        import resource, sys, torch
+        from common import keep_freed_memory
+        if sys.argv[1] == "keep":
+            assert keep_freed_memory()
+        def step():  # 64 MB, freed at once, as a training step's activations are
+            torch.ones(64 << 20, dtype=torch.uint8)
+        for _ in range(5):  # the heap settles after a few (alignment splits the first free blocks)
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            step()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
+    faults = {}
+    for way in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", code, way], cwd=REPO, capture_output=True, text=True, check=True)
+        faults[way] = int(proc.stdout.split()[-1])
+    if faults["default"] < 5 * (64 << 20) / 4096 / 10:
+        pytest.skip(f"this kernel maps such blocks with huge pages: {faults}")
+    assert faults["keep"] < faults["default"] / 10, faults
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
