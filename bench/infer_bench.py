@@ -18,7 +18,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows, build_model, load_crops, machine, predict  # noqa: E402
+from common import bench_rows, build_model, keep_freed_memory, load_crops, machine, predict  # noqa: E402
 from inference import load_models  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +33,8 @@ parser.add_argument("--table", default=None, help="append the figures to this ma
 args = parser.parse_args()
 
 env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+if env.device.type == "cpu":
+    keep_freed_memory()  # as inference.py does
 if args.run:
     name, model, mean, std, cfg = load_models(args.run, env)[0]
 else:
