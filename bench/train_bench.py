@@ -178,8 +178,11 @@ if args.seed_process:  # (b') the child: times the seed-style loop whenever the 
 if own_malloc:
     child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--seed-process"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    while child.stdout.readline().strip() != "ready":
-        pass
+    for line in child.stdout:  # set-up output, then "ready"
+        if line.strip() == "ready":
+            break
+    else:
+        sys.exit(f"error: the seed-style loop's own process stopped (exit code {child.wait()}) before timing")
 
 
 def in_child(way):
