@@ -714,11 +714,11 @@ def setup(args, script):
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if not cuda:
-        keep_freed_memory()
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
+    else:
+        keep_freed_memory()
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.batch_size % world:
