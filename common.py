@@ -717,8 +717,7 @@ def setup(args, script):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-    else:
-        keep_freed_memory()
+    keep_freed_memory(device)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.batch_size % world:
@@ -755,13 +754,16 @@ def machine(device, precision="auto", channels_last="auto"):
     )
 
 
-def keep_freed_memory():
-    """Each training step allocates and frees the same large activations. glibc returns blocks over 32 MB
-    (and freed memory at the heap's top) to the kernel at once, so every step pays a page fault per 4 kB
-    page (on an AMX CPU a fresh 77 MB tensor cost 29 ms of them). Keeping freed memory in the process makes
-    lite0 train 1.1-1.15x faster at 224 px, for a higher peak (+0.2 GB in the cpu preset), and predict 2x
-    faster at batch 256. glibc only; a no-op elsewhere. Process-wide, so setup() (the training scripts) and
-    inference.py call it, not machine(): bench/train_bench.py times the usual loop without it."""
+def keep_freed_memory(device="cpu"):
+    """On CPU (a no-op for a CUDA device, whose memory PyTorch caches anyway): each training step allocates
+    and frees the same large activations. glibc returns blocks over 32 MB (and freed memory at the heap's top)
+    to the kernel at once, so every step pays a page fault per 4 kB page (on an AMX CPU a fresh 77 MB tensor
+    cost 29 ms of them). Keeping freed memory in the process makes lite0 train 1.1-1.15x faster at 224 px, for
+    a higher peak (+0.2 GB in the cpu preset), and predict 2x faster at batch 256. glibc only; a no-op
+    elsewhere. Process-wide, so setup() (the training scripts) and inference.py call it, not machine():
+    bench/train_bench.py times the usual loop without it."""
+    if torch.device(device).type != "cpu":
+        return False
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1))  # M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GB

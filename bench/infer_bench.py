@@ -33,8 +33,7 @@ parser.add_argument("--table", default=None, help="append the figures to this ma
 args = parser.parse_args()
 
 env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-if env.device.type == "cpu":
-    keep_freed_memory()  # as inference.py does
+keep_freed_memory(env.device)  # as inference.py does
 if args.run:
     name, model, mean, std, cfg = load_models(args.run, env)[0]
 else:

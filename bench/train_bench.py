@@ -63,7 +63,7 @@ parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader wo
 parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)  # (b'): the child below
 args = parser.parse_args()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-own_malloc = device.type == "cpu" and not args.seed_process and keep_freed_memory()  # as common.setup does
+own_malloc = not args.seed_process and keep_freed_memory(device)  # as common.setup does
 index, cache = load_crops(args.crops, "train", args.img_size)
 env = machine(device)
 cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
