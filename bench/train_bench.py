@@ -229,7 +229,8 @@ print(
     f"{' + channels_last' if env.channels_last else ''}; seed-style fp32 with {args.loader_workers} loader workers"
 )
 print(f"(a) ours               {med['a_ours']:7.1f} img/s")
-print(f"(b) seed-style loop    {med['b_seed']:7.1f} img/s" + ("  (own process, glibc's default malloc)" if own_malloc else ""))
+as_it_runs = "  (own process, glibc's default malloc)" if own_malloc else ""
+print(f"(b) seed-style loop    {med['b_seed']:7.1f} img/s{as_it_runs}")
 if own_malloc:
     print(f"(b+) (b) in our process {med['b_seed_our_memory']:7.1f} img/s  (with our memory setting)")
 print(f"(c) compute only       {med['c_compute']:7.1f} img/s")
