@@ -18,6 +18,7 @@ import torch
 
 from common import (
     TASKS,
+    DataError,
     Tracker,
     age_regression_loss,
     backward_step,
@@ -92,7 +93,7 @@ def train_fold(args, env, fold):
         args.epochs = full_train_epochs(args, env)
     order = args.task_order.split(",")
     if sorted(order) != sorted(TASKS):
-        raise SystemExit(f"--task-order {args.task_order}: expected each of mask, gender, age once")
+        raise DataError(f"--task-order {args.task_order}: expected each of mask, gender, age once")
     print0(env, f"fold {fold}: {len(data.train_rows)} train / {len(data.val_rows)} val images, {args.epochs} epochs")
 
     # ---- model: one optimizer (and scheduler) per task, over the parameters that task uses ----

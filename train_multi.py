@@ -14,6 +14,7 @@ import torch
 
 from common import (
     TASKS,
+    DataError,
     Tracker,
     age_regression_loss,
     backward_step,
@@ -59,9 +60,12 @@ g.add_argument("--gender-backbone", default=None, help="a backbone of its own fo
 
 
 def task_losses(args, data):
-    weights = [float(w) for w in args.task_weights.split(",")]
+    try:
+        weights = [float(w) for w in args.task_weights.split(",")]
+    except ValueError:
+        weights = []
     if len(weights) != 3:
-        raise SystemExit(f"--task-weights {args.task_weights}: expected three numbers (mask,gender,age)")
+        raise DataError(f"--task-weights {args.task_weights}: expected three numbers (mask,gender,age)")
     specs = {"mask": args.mask_loss, "gender": args.gender_loss, "age": args.age_loss}
     return {t: (w, make_loss(specs[t] or args.loss, data.counts[t], args)) for t, w in zip(TASKS, weights)}
 

@@ -409,6 +409,15 @@ def test_fold_out_of_range_is_one_line(crops, tmp_path):
     assert proc.returncode == 2 and "--fold 7" in last_line(proc.stderr) and "0..2" in last_line(proc.stderr)
 
 
+@pytest.mark.parametrize("script, flag, value", [("train_multi.py", "--task-weights", "1,2"),
+                                                 ("train_multi.py", "--task-weights", "1,x,1"),
+                                                 ("train_coord.py", "--task-order", "mask,age")])  # fmt: skip
+def test_bad_task_flags_are_one_line(crops, tmp_path, script, flag, value):
+    proc = train(script, crops, tmp_path, "--fold", 0, "--epochs", 1, flag, value, check=False)
+    assert proc.returncode == 2 and last_line(proc.stderr).startswith(f"error: {flag} {value}:"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2)
     good = (tmp_path / "fold0" / "best.pt").read_bytes()
