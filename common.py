@@ -611,6 +611,14 @@ def run_main(main):
 # =================================================================================
 
 
+def positive_int(text):
+    """argparse type for sizes and counts: 0 would fail deep inside (a 0 px image) or train nothing."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
 def train_parser(doc):
     """The knobs every trainer shares; each script adds its own below them."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -620,7 +628,7 @@ def train_parser(doc):
     g.add_argument("--fold", default="0", help="fold to validate on: 0..K-1, or 'all' (one after the other)")
     g.add_argument("--full-train", action="store_true", help="train on every person for the epochs CV chose")
     g.add_argument("--out", default=None, help="run folder (default WORK/runs/<script>)")
-    g.add_argument("--img-size", type=int, default=128, help="side of the square input, pixels")
+    g.add_argument("--img-size", type=positive_int, default=128, help="side of the square input, pixels")
     g.add_argument("--old-age", type=int, default=60, help="training targets: age band 2 starts here (scores: 60)")
     g.add_argument("--drop-ages", default="", help="training only: drop persons of these ages, e.g. 29,57-59")
     g.add_argument(
@@ -634,7 +642,7 @@ def train_parser(doc):
     g.add_argument("--pretrained", default="auto", help="auto (offline registry weights) | none | PATH")
     g.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = lr x this (heads: lr)")
     g.add_argument("--head-dropout", type=float, default=0.2, help="dropout before each head")
-    g.add_argument("--dropout-samples", type=int, default=1, help="multi-sample dropout: heads average K draws")
+    g.add_argument("--dropout-samples", type=positive_int, default=1, help="multi-sample dropout: K draws averaged")
     g.add_argument("--age-regression", type=float, default=0.0, help="weight of an auxiliary age regression head")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="ce", help="ce|wce|focal|ls|f1|ldam|sce, or a weighted sum: 0.7*focal+0.3*f1")
@@ -655,8 +663,8 @@ def train_parser(doc):
         help="probability a face of the old band is blended with another training face of its class (0.5-0.9 its own)",
     )  # fmt: skip
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=6)
-    g.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun ranks)")
+    g.add_argument("--epochs", type=positive_int, default=6)
+    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch (split across torchrun ranks)")
     g.add_argument(
         "--opt",
         choices=["adamw", "adam", "sgd", "momentum", "madgrad"],
@@ -684,7 +692,7 @@ def train_parser(doc):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (resume = uninterrupted)")
     g.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
-    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--eval-batch-size", type=positive_int, default=256)
     g.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (smoke tests)")
     g.add_argument("--tensorboard", action="store_true", help="also log to RUN/fold*/tb (needs tensorboard)")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (imported only then)")

@@ -36,6 +36,7 @@ from common import (
     normalise,
     own_backbones,
     plot_confusions,
+    positive_int,
     predict,
     prepare_face,
     read_answers,
@@ -57,7 +58,7 @@ parser.add_argument("--answers", default=None, help="CSV with ImageID,ans (extra
 parser.add_argument("--image", nargs="+", default=None, help="predict these photos instead of the eval set")
 parser.add_argument("--embed", action="store_true", help="t-SNE plot of penultimate features (RUN/embed.png)")
 parser.add_argument("--use-folds", default="all", help="folds of the run to average, e.g. 0,1 (default: all)")
-parser.add_argument("--batch-size", type=int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
 
 

@@ -33,6 +33,7 @@ from common import (
     background_remover,
     face_detector,
     load_rgb,
+    positive_int,
     prepare_face,
     read_eval,
     read_train,
@@ -46,14 +47,14 @@ HERE = Path(__file__).resolve().parent
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data", default="DATA", help="data folder in the competition layout (train/ and eval/)")
 parser.add_argument("--out", default="WORK/crops", help="output folder")
-parser.add_argument("--size", type=int, default=256, help="side of the square crops, pixels")
-parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (1: run in this process)")
+parser.add_argument("--size", type=positive_int, default=256, help="side of the square crops, pixels")
+parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="processes (1: run in this process)")
 parser.add_argument("--bg", choices=["rembg", "none"], default="rembg", help="remove the background, or keep it")
 parser.add_argument("--bg-model", default="u2netp", help="rembg model name; its .onnx must be in U2NET_HOME")
 parser.add_argument("--bg-size", type=int, default=192, help="u2net input side (0: rembg's own, any model)")
 parser.add_argument("--bg-context", type=float, default=0.25, help="border the segmenter sees around a crop")
 parser.add_argument("--margin", type=float, default=0.6, help="crop side = (1 + margin) x the face box's longer side")
-parser.add_argument("--detect-size", type=int, default=128, help="longest side of the copy the detector sees")
+parser.add_argument("--detect-size", type=positive_int, default=128, help="longest side of the copy the detector sees")
 parser.add_argument("--min-conf", type=float, default=0.9, help="detections below this confidence count as no face")
 parser.add_argument("--on-bad", choices=["skip", "fail"], default="skip", help="bad input: report and skip, or stop")
 parser.add_argument("--relabel", default=str(HERE / "relabel.csv"), help="label fixes CSV, or 'none'")

@@ -418,6 +418,12 @@ def test_bad_task_flags_are_one_line(crops, tmp_path, script, flag, value):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--img-size", "--epochs", "--batch-size"])
+def test_a_size_or_count_of_zero_is_refused_by_the_parser(crops, tmp_path, flag):
+    proc = train("train_single.py", crops, tmp_path, "--fold", 0, flag, 0, check=False)
+    assert proc.returncode == 2 and f"argument {flag}: 0: must be 1 or more" in last_line(proc.stderr), proc.stderr
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2)
     good = (tmp_path / "fold0" / "best.pt").read_bytes()
