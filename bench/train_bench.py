@@ -207,14 +207,13 @@ def d_compute_fp32():
     step(*slow[:3], fixed_x_fp32, fixed_y["label"])
 
 
-ways = dict(a_ours=lambda: timed(a_ours))
-if own_malloc:  # the usual loop as it runs: in a process of its own, without our memory setting
-    ways |= dict(b_seed=lambda: in_child("b"), b_seed_our_memory=lambda: timed_seed("b"))
-else:
-    ways |= dict(b_seed=lambda: timed_seed("b"))
+seed_as_it_runs = in_child if own_malloc else timed_seed  # in a process of its own, without our memory setting
+ways = dict(a_ours=lambda: timed(a_ours), b_seed=lambda: seed_as_it_runs("b"))
+if own_malloc:
+    ways |= dict(b_seed_our_memory=lambda: timed_seed("b"))
 ways |= dict(c_compute=lambda: timed(c_compute), d_compute_fp32=lambda: timed(d_compute_fp32),
              data_ours=lambda: timed(lambda: our_batch(fast[3], fast[4]), 1, 8 * args.steps),
-             data_seed=lambda: in_child("data") if own_malloc else timed_seed("data"))  # fmt: skip
+             data_seed=lambda: seed_as_it_runs("data"))  # fmt: skip
 results = {k: [] for k in ways}
 for r in range(args.rounds):
     for k, way in ways.items():

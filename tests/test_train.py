@@ -309,7 +309,8 @@ def test_cpu_bf16_model_with_the_fast_relu6_trains_bit_identically():
     assert acts and all("forward" in vars(m) for m in acts)
     plain = copy.deepcopy(model)
     for act in plain.modules():
-        vars(act).pop("forward", None) if isinstance(act, torch.nn.ReLU6) else None
+        if isinstance(act, torch.nn.ReLU6):
+            vars(act).pop("forward", None)
     x = torch.randn(4, 3, 64, 64).to(memory_format=torch.channels_last)
     for m in (model, plain):
         with torch.autocast("cpu", torch.bfloat16):
