@@ -179,6 +179,7 @@ def main():
     members = [load_member(p) for p in args.runs]
     names = [m["name"] for m in members]
     has_oof = all(m["oof"] is not None for m in members)
+    test_ids, test_views = aligned(members, "test")  # a member without test predictions fails before the fits
 
     # ---- out-of-fold: each member's F1, and the weights ----
     report = dict(members=[], method=args.method, per_task=args.per_task)
@@ -245,7 +246,6 @@ def main():
               f"(best member {max(oof_f1):.4f}, {len(labels)} images)")  # fmt: skip
 
     # ---- test predictions ----
-    test_ids, test_views = aligned(members, "test")
     combined = combine(test_views, weights, args.method)
     pred = predictions(combined, args.per_task, offsets)
     out = Path(args.out)

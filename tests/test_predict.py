@@ -97,6 +97,13 @@ def test_member_with_missing_ids_fails_clearly(members, tmp_path):
     assert proc.returncode == 2 and "member b" in last_line(proc.stderr) and "t39.jpg" in last_line(proc.stderr)
 
 
+def test_member_without_test_predictions_fails_before_the_offsets_are_fitted(members, tmp_path):
+    (members[1] / "test_logits.npz").unlink()  # trained, but inference.py not run on it yet
+    proc = run("ensemble.py", "--runs", *members, "--adjust", "--out", tmp_path / "s.csv", check=False)
+    assert proc.returncode == 2 and "member b has no test_logits.npz" in last_line(proc.stderr)
+    assert "adjust:" not in proc.stdout and not (tmp_path / "s.csv").exists()
+
+
 def test_answers_score_line_and_adjust_report(members, tmp_path):
     ids = list(np.load(members[0] / "test_logits.npz")["image_id"])
     answers = tmp_path / "answers.csv"
