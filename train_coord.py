@@ -91,9 +91,7 @@ def train_fold(args, env, fold):
     data = load_fold(args, fold, env)
     if fold == "full":
         args.epochs = full_train_epochs(args, env)
-    order = args.task_order.split(",")
-    if sorted(order) != sorted(TASKS):
-        raise DataError(f"--task-order {args.task_order}: expected each of mask, gender, age once")
+    order = args.task_order.split(",")  # checked in main()
     print0(env, f"fold {fold}: {len(data.train_rows)} train / {len(data.val_rows)} val images, {args.epochs} epochs")
 
     # ---- model: one optimizer (and scheduler) per task, over the parameters that task uses ----
@@ -150,6 +148,8 @@ def train_fold(args, env, fold):
 
 def main():
     args = parser.parse_args()
+    if sorted(args.task_order.split(",")) != sorted(TASKS):  # before setup() makes the run folder
+        raise DataError(f"--task-order {args.task_order}: expected each of mask, gender, age once")
     env = setup(args, "coord")
     metrics = [train_fold(args, env, fold) for fold in folds_to_run(args)]
     summarise_run(env, [m for m in metrics if m.get("val_macro_f1") is not None])
