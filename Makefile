@@ -55,9 +55,10 @@ SEED ?= 42
 WORKERS ?= $(shell nproc)
 TTA ?= flip
 WEIGHTS ?= f1
-# one offset per age band for macro F1, fitted on the out-of-fold predictions; ensemble.py applies them only
-# where they help out of fold (cross-validated over persons): with all five folds' OOF they did (EXPERIMENTS.md)
-ENSEMBLE_FLAGS ?= --adjust
+# one offset per age band for macro F1, fitted on the out-of-fold predictions; and one gender and age for the
+# shots of a person, found by matching the unmasked top of the faces. ensemble.py applies each only where it
+# helps out of fold (cross-validated over persons): on the bench set both did (EXPERIMENTS.md)
+ENSEMBLE_FLAGS ?= --adjust --group-shots
 CROP_SIZE ?= 256
 PREP_FLAGS ?=
 TRAIN_FLAGS ?=
@@ -152,7 +153,7 @@ $(WORK)/runs/%/test_logits.npz: $(WORK)/inference_flags.txt $(foreach k,$(FOLDS)
 
 # ---- 5. ensemble -> the submission
 $(WORK)/submission.csv: $(WORK)/ensemble_flags.txt $(foreach m,$(MODELS),$(WORK)/runs/$(m)/test_logits.npz)
-	$(PY) ensemble.py --runs $(foreach m,$(MODELS),$(WORK)/runs/$(m)) $(ensemble_flags) --out $@ $(if $(ANSWERS),--answers $(ANSWERS))
+	$(PY) ensemble.py --runs $(foreach m,$(MODELS),$(WORK)/runs/$(m)) $(ensemble_flags) --crops $(WORK)/crops --out $@ $(if $(ANSWERS),--answers $(ANSWERS))
 
 all: $(WORK)/submission.csv
 

@@ -8,7 +8,9 @@ Members are run folders (their test_logits.npz and fold*/oof.npz) or bare logits
 --per-task takes the argmax of each task and recombines, instead of the joint 18-class argmax;
 --adjust adds log-prior offsets fitted on the out-of-fold predictions for macro F1, one per age band
 (--adjust-by age) or per class (class); cross-validated over persons, applied only if they help out of fold.
-Writes OUT (ImageID,ans), OUT with .json (the report) and _logits.npz beside it. Seconds.
+--group-shots finds the shots of one person among the images (by the unmasked top of the face, in --crops) and
+gives them one gender and age: averaged over the person's shots; applied only if it helps out of fold.
+Writes OUT (ImageID,ans), OUT with .json (the report) and _logits.npz beside it. Seconds to a minute.
 """
 
 import argparse
@@ -16,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 from common import (
     DataError,
     class_id,
+    load_crops,
     load_logprobs,
     read_answers,
     run_main,
@@ -42,6 +49,9 @@ parser.add_argument("--per-task", action="store_true", help="argmax per task, th
 parser.add_argument("--adjust", action="store_true", help="log-prior offsets for macro F1, fitted out of fold")
 parser.add_argument("--adjust-by", choices=["age", "class"], default="age",
                     help="one offset per age band, shared by mask and gender (3), or one per class (18)")  # fmt: skip
+parser.add_argument("--group-shots", action="store_true",
+                    help="one gender and age for a person's shots, found by matching faces in --crops")  # fmt: skip
+parser.add_argument("--crops", default="WORK/crops", help="preprocess.py's output: the images --group-shots matches")
 parser.add_argument("--out", default="WORK/submission.csv", help="submission to write")
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans: score members and ensemble")
 parser.add_argument("--seed", type=int, default=0, help="for the person split of the out-of-fold checks")
@@ -148,6 +158,102 @@ def person_folds(ids, n_splits, seed):
     return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(persons, groups=persons))
 
 
+def offsets_cv_f1(logp, labels, ids, shared_by, seed):
+    """Macro F1 with offsets fitted on other persons: 5 folds by person, 3 times (for a gain this small
+    one split in two halves is too noisy: it said no where these 15 fits say yes, EXPERIMENTS.md)."""
+    f1s = []
+    for repeat in range(3):
+        held = np.empty(len(labels), dtype=int)
+        for fit_rows, check in person_folds(ids, 5, seed + repeat):
+            held[check] = (logp[check] + fit_offsets(logp[fit_rows], labels[fit_rows], shared_by)).argmax(1)
+        f1s.append(macro_f1(labels, held))
+    return float(np.mean(f1s))
+
+
+# ---- the shots of one person -------------------------------------------------------
+# A person's seven shots share the top of the face (brows, eyes, hair, background), which no mask covers, so
+# each masked shot is matched to the unmasked shots there. Small warps absorb how each shot was framed.
+MATCH_SIZE = 32  # pixels: the top rows of 32-px copies are enough, and take seconds
+MATCH_ROWS = 13  # the top 40 %, above any mask
+
+
+def match_warps():
+    """Where each of 225 warps (shifts up to 8 %, scalings of 5 %, turns of 5 degrees) samples the top rows."""
+    thetas = []
+    for dx in (-0.08, -0.04, 0, 0.04, 0.08):
+        for dy in (-0.08, -0.04, 0, 0.04, 0.08):
+            for scale in (0.95, 1.0, 1.05):
+                for turn in np.deg2rad([-5, 0, 5]):
+                    c, s = scale * np.cos(turn), scale * np.sin(turn)
+                    thetas.append([[c, -s, dx], [s, c, dy]])
+    thetas = torch.tensor(thetas, dtype=torch.float32)
+    return F.affine_grid(thetas, (len(thetas), 3, MATCH_SIZE, MATCH_SIZE), align_corners=False)[:, :MATCH_ROWS]
+
+
+def unit(v):
+    """Zero-mean unit vectors: their dot product is the normalised cross-correlation (light does not count)."""
+    v = v.flatten(-3)
+    v = v - v.mean(-1, keepdim=True)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def shot_groups(images, unmasked):
+    """For every image, the row of the unmasked shot it belongs to (unmasked shots: their own row).
+    Each other shot's similarity to every unmasked one is the best over the warps; then scipy assigns
+    them one to one, each unmasked shot taking at most ceil(others / unmasked): a person has one."""
+    groups = np.arange(len(images))
+    anchors, others = np.flatnonzero(unmasked), np.flatnonzero(~unmasked)
+    if len(anchors) == 0 or len(others) == 0:
+        return groups
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float()
+    anchor_top, grid = unit(x[anchors, :, :MATCH_ROWS]), match_warps()
+    sim = np.empty((len(others), len(anchors)), dtype=np.float32)
+    for i, row in enumerate(tqdm(others, desc="matching shots", leave=False)):
+        warped = F.grid_sample(x[row].expand(len(grid), -1, -1, -1), grid, padding_mode="border", align_corners=False)
+        sim[i] = (anchor_top @ unit(warped).T).amax(1).numpy()
+    per_anchor = -(-len(others) // len(anchors))
+    matched, slot = linear_sum_assignment(np.repeat(sim, per_anchor, axis=1), maximize=True)
+    groups[others[matched]] = anchors[slot // per_anchor]
+    return groups
+
+
+def person_images(crops, split, ids):
+    """The MATCH_SIZE copies of `ids`' crops, in that order."""
+    index, cache = load_crops(crops, split, MATCH_SIZE)
+    row = pd.Series(np.arange(len(index)), index=index["image_id"].astype(str))
+    missing = [i for i in ids if i not in row.index]
+    if missing:
+        raise DataError(f"{crops}/{split}.csv: no crop for {len(missing)} image(s), e.g. {missing[0]} (--crops?)")
+    return np.asarray(cache[row.loc[ids].to_numpy()])
+
+
+def oof_groups(crops, ids, unmasked, persons_per_set=300):
+    """Out of fold, in sets of about as many persons as an eval set: matching is harder among more faces."""
+    images = person_images(crops, "train", ids)
+    persons = pd.factorize(np.array([str(i).split("/")[0] for i in ids]))[0]
+    groups = np.arange(len(ids))
+    for s in range(persons.max() // persons_per_set + 1):
+        rows = np.flatnonzero(persons // persons_per_set == s)
+        groups[rows] = rows[shot_groups(images[rows], unmasked[rows])]
+    return groups
+
+
+def grouped(views, groups):
+    """Gender and age log-probabilities averaged over each group's shots; the mask stays each shot's own."""
+    _, g = np.unique(groups, return_inverse=True)
+
+    def group_mean(v):
+        total = np.zeros((g.max() + 1, v.shape[1]))
+        np.add.at(total, g, v)
+        mean = (total / np.bincount(g)[:, None])[g]
+        return mean - np.log(np.exp(mean).sum(1, keepdims=True))  # log-probabilities again
+
+    p = np.exp(views["label"]).reshape(-1, 3, 6)  # mask x (gender, age band): label = mask * 6 + gender * 3 + band
+    mask, gender_age = np.log(p.sum(2) + 1e-12), group_mean(np.log(p.sum(1) + 1e-12))
+    label = (mask[:, :, None] + gender_age[:, None, :]).reshape(-1, 18)
+    return dict(views, label=label, gender=group_mean(views["gender"]), age=group_mean(views["age"]))
+
+
 def fit_weights(oof_views, labels, args, f1_weights):
     """--weights opt: random search on the simplex for OOF macro F1, guarded: chosen on one half of
     the persons and checked on the other; kept only if it beats F1 weighting out of sample."""
@@ -209,35 +315,46 @@ def main():
         print(note)
     weights = weights / weights.sum()
 
-    offsets = None
+    offsets, group_test = None, False
+    if args.adjust and args.per_task:
+        raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
+    shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
     if has_oof:
         combined = combine(oof_views, weights, args.method)
         ens_oof = macro_f1(labels, predictions(combined, args.per_task))
         report.update(oof_images=len(labels), ensemble_oof_macro_f1=round(ens_oof, 4))
+
+        def rule_f1(views):  # what the submission's rule scores out of fold
+            if args.adjust:
+                return offsets_cv_f1(views["label"], labels, oof_ids, shared_by, args.seed)
+            return macro_f1(labels, predictions(views, args.per_task))
+
+        if args.group_shots:
+            groups = oof_groups(args.crops, oof_ids, combined["mask"].argmax(1) == 2)
+            by_shots = grouped(combined, groups)
+            without, with_groups = rule_f1(combined), rule_f1(by_shots)
+            group_test = with_groups > without
+            if group_test:
+                combined = by_shots
+            persons = np.array([str(i).split("/")[0] for i in oof_ids])
+            purity = float(np.mean(persons == persons[groups]))
+            report["group_shots"] = dict(oof_f1_without=round(without, 4), oof_f1_with=round(with_groups, 4),
+                                         oof_with_own_person=round(purity, 4), applied=bool(group_test))  # fmt: skip
+            print(f"group shots: out-of-fold F1 {without:.4f} -> {with_groups:.4f}"
+                  + (" (with the offsets, cross-validated)" if args.adjust else "")
+                  + f"; {purity:.1%} of the shots grouped with their own person: "
+                  + ("applied" if group_test else "not applied"))  # fmt: skip
         if args.adjust:
-            if args.per_task:
-                raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
-            shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
-
-            def fit(rows):
-                return fit_offsets(combined["label"][rows], labels[rows], shared_by)
-
-            # 5 folds by person, 3 times: for a gain this small one split in two halves is too noisy
-            # (it said no where these 15 fits say yes: EXPERIMENTS.md)
-            cv_f1 = []
-            for repeat in range(3):
-                held = np.empty(len(labels), dtype=int)
-                for fit_rows, check in person_folds(oof_ids, 5, args.seed + repeat):
-                    held[check] = (combined["label"][check] + fit(fit_rows)).argmax(1)
-                cv_f1.append(macro_f1(labels, held))
-            cv_with = float(np.mean(cv_f1))
-            applied = cv_with > ens_oof
-            offsets = fit(slice(None)) if applied else None  # now on every image
-            report["adjust"] = dict(by=args.adjust_by, oof_f1_without=round(ens_oof, 4),
+            plain, cv_with = macro_f1(labels, predictions(combined, False)), rule_f1(combined)
+            applied = cv_with > plain
+            offsets = fit_offsets(combined["label"], labels, shared_by) if applied else None  # now on every image
+            report["adjust"] = dict(by=args.adjust_by, oof_f1_without=round(plain, 4),
                                     oof_f1_with_cross_validated=round(cv_with, 4), applied=bool(applied),
                                     offsets=None if offsets is None else offsets.round(3).tolist())  # fmt: skip
-            print(f"adjust: out-of-fold F1 {ens_oof:.4f} -> {cv_with:.4f} (cross-validated over persons): "
+            print(f"adjust: out-of-fold F1 {plain:.4f} -> {cv_with:.4f} (cross-validated over persons): "
                   + ("applied" if applied else "not applied"))  # fmt: skip
+    elif args.group_shots:
+        print("group shots: no out-of-fold predictions to check it on: not applied")
     for name, f, w in zip(names, oof_f1, weights):
         report["members"].append(dict(name=name, oof_macro_f1=None if f is None else round(f, 4), weight=round(w, 4)))
         print(f"  {name:24s} weight {w:.3f}" + ("" if f is None else f"  oof macro F1 {f:.4f}"))
@@ -247,6 +364,10 @@ def main():
 
     # ---- test predictions ----
     combined = combine(test_views, weights, args.method)
+    if group_test:
+        groups = shot_groups(person_images(args.crops, "eval", test_ids), combined["mask"].argmax(1) == 2)
+        combined = grouped(combined, groups)
+        report["group_shots"]["test_groups"] = int(len(np.unique(groups)))
     pred = predictions(combined, args.per_task, offsets)
     out = Path(args.out)
     save_csv(pd.DataFrame(dict(ImageID=test_ids, ans=pred)), out)

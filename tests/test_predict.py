@@ -233,3 +233,107 @@ def test_split_class_matches_views():
     v = views_from_probs(p)
     m, g, a = split_class(p.argmax(1))
     assert (np.exp(v["mask"])[np.arange(5), m] > 0).all() and g.max() <= 1 and a.max() <= 2
+
+
+# ---- --group-shots: the shots of one person, found by their faces ----
+def person_shots(photo, rng, size=32, same_top=True):
+    """Seven 32-px shots of one 'person' (a window of a real photo), each framed a little differently
+    (shift, scale, turn), six with a 'mask' over the lower half; the last one unmasked. same_top=False:
+    every shot is a different window, so nothing ties a person's shots together."""
+    from PIL import Image, ImageDraw
+
+    side = 160
+    x0, y0 = rng.integers(0, np.array(photo.size) - side - 16, 2) + 8
+    shots = []
+    for k in range(7):
+        if not same_top:
+            x0, y0 = rng.integers(0, np.array(photo.size) - side - 16, 2) + 8
+        s = side * rng.uniform(0.97, 1.03)
+        cx, cy = x0 + side / 2 + rng.uniform(-0.035, 0.035) * side, y0 + side / 2 + rng.uniform(-0.035, 0.035) * side
+        turned = photo.rotate(rng.uniform(-4, 4), center=(cx, cy), resample=Image.BILINEAR)
+        shot = turned.crop((int(cx - s / 2), int(cy - s / 2), int(cx + s / 2), int(cy + s / 2)))
+        shot = shot.resize((size, size), Image.BILINEAR)
+        if k < 6:  # masks of any colour, from just under the matched rows down
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            ImageDraw.Draw(shot).rectangle((3, 15 + 2 * (k == 5), size - 4, size), fill=colour)
+        shots.append(np.asarray(shot))
+    return shots
+
+
+def photo_persons(n, rng, same_top=True):
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    out = []
+    for p in range(n):
+        photo = Image.fromarray(photos[p % len(photos)]).resize((400, 400))
+        out.append(person_shots(photo, rng, same_top=same_top))
+    return out
+
+
+def test_shot_groups_finds_each_persons_shots_in_real_photos():
+    from ensemble import shot_groups
+
+    rng = np.random.default_rng(0)
+    persons = photo_persons(20, rng)  # four windows of each of five photos: neighbours look alike
+    images = np.stack([shot for shots in persons for shot in shots])
+    person = np.repeat(np.arange(20), 7)
+    unmasked = np.tile(np.arange(7) == 6, 20)
+    shuffle = rng.permutation(len(images))
+    groups = shot_groups(images[shuffle], unmasked[shuffle])
+    assert (person[shuffle][groups] == person[shuffle]).all()  # every shot with its own person's unmasked shot
+    assert (groups[unmasked[shuffle]] == np.flatnonzero(unmasked[shuffle])).all()
+
+
+def grouping_case(tmp_path, same_top):
+    """A crops folder of photo 'persons' and a member whose gender x age is right on only 4 of 7 shots."""
+    rng = np.random.default_rng(1)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    parts = {}
+    for split, n_persons in (("train", 24), ("eval", 12)):
+        persons = photo_persons(n_persons, rng, same_top)
+        gender_age = rng.integers(0, 6, n_persons)
+        ids = [f"{p:06d}/shot{k}" if split == "train" else f"{p:06d}{k}.jpg" for p in range(n_persons)
+               for k in range(7)]  # fmt: skip
+        label = np.array([[0] * 5 + [1, 2]] * n_persons).ravel() * 6 + np.repeat(gender_age, 7)
+        probs = np.full((len(ids), 18), 0.01)
+        for i, lab in enumerate(label):
+            wrong = (lab % 6 + 1 + rng.integers(0, 5)) % 6 + lab // 6 * 6  # same mask, another gender x age
+            probs[i, lab], probs[i, wrong] = (0.5, 0.3) if i % 7 in (0, 2, 4, 6) else (0.3, 0.5)
+        order = rng.permutation(len(ids)) if split == "eval" else np.arange(len(ids))
+        ids, label, probs = np.array(ids)[order], label[order], probs[order]
+        images = np.stack([s for shots in persons for s in shots])[order]
+        pd.DataFrame(dict(image_id=ids)).to_csv(crops / f"{split}.csv", index=False)
+        np.save(crops / f"{split}_u8.npy", images)
+        parts[split] = (ids, probs / probs.sum(1, keepdims=True), label)
+    (ids, p, label), (test_ids, test_p, test_label) = parts["train"], parts["eval"]
+    member = make_member(tmp_path / "a", test_ids, test_p, ids, p, label)
+    return crops, member, test_ids, test_label
+
+
+def test_group_shots_gives_a_persons_shots_one_gender_and_age(tmp_path):
+    crops, member, test_ids, test_label = grouping_case(tmp_path, same_top=True)
+    out = tmp_path / "sub.csv"
+    proc = run("ensemble.py", "--runs", member, "--group-shots", "--crops", crops, "--out", out)
+    group = report(out)["group_shots"]
+    assert group["applied"] and group["oof_f1_with"] > group["oof_f1_without"] and "applied" in proc.stdout
+    assert group["oof_with_own_person"] == 1.0 and group["test_groups"] == 12
+    sub = pd.read_csv(out).set_index("ImageID").loc[test_ids]
+    assert (sub["ans"].to_numpy() == test_label).all()  # 3 of 7 shots were wrong before, each person's now right
+
+
+def test_group_shots_is_left_out_where_it_does_not_help(tmp_path):
+    crops, member, test_ids, _ = grouping_case(tmp_path, same_top=False)
+    out = tmp_path / "sub.csv"
+    proc = run("ensemble.py", "--runs", member, "--group-shots", "--crops", crops, "--out", out)
+    assert not report(out)["group_shots"]["applied"] and "not applied" in proc.stdout
+    alone = np.load(member / "test_logits.npz")
+    assert pd.read_csv(out)["ans"].tolist() == alone["logp_label"].argmax(1).tolist()
+
+
+def test_group_shots_without_the_crops_fails_clearly(members, tmp_path):
+    proc = run("ensemble.py", "--runs", *members, "--group-shots", "--crops", tmp_path / "nowhere", "--out",
+               tmp_path / "s.csv", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "nowhere" in last_line(proc.stderr) and "Traceback" not in proc.stderr
