@@ -57,7 +57,8 @@ TTA ?= flip
 WEIGHTS ?= f1
 # one offset per age band for macro F1, fitted on the out-of-fold predictions; and one gender and age for the
 # shots of a person, found by matching the unmasked top of the faces. ensemble.py applies each only where it
-# helps out of fold (cross-validated over persons): on the bench set both did (EXPERIMENTS.md)
+# helps out of fold (cross-validated over persons). On the bench set the offsets always did; the grouping helped one
+# run of the cpu preset and not the same recipe with another seed (EXPERIMENTS.md)
 ENSEMBLE_FLAGS ?= --adjust --group-shots
 CROP_SIZE ?= 256
 PREP_FLAGS ?=
