@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from scipy.special import log_softmax
 from tqdm import tqdm
 
 from common import (
@@ -147,11 +148,16 @@ def fit_offsets(logp, labels, shared_by, grid=OFFSET_GRID, passes=2):
     return b[shared_by]
 
 
+def person_of(ids):
+    """The person of each out-of-fold image id ('person/shot')."""
+    return np.array([str(i).split("/")[0] for i in ids])
+
+
 def person_folds(ids, n_splits, seed):
-    """(fit, check) row indices of the out-of-fold images, folds by person (id 'person/shot')."""
+    """(fit, check) row indices of the out-of-fold images, folds by person."""
     from sklearn.model_selection import GroupKFold
 
-    persons = np.array([str(i).split("/")[0] for i in ids])
+    persons = person_of(ids)
     n_splits = min(n_splits, len(set(persons)))
     if n_splits < 2:
         raise DataError("the out-of-fold predictions cover one person: too few to cross-validate on")
@@ -230,7 +236,7 @@ def person_images(crops, split, ids):
 def oof_groups(crops, ids, unmasked, persons_per_set=300):
     """Out of fold, in sets of about as many persons as an eval set: matching is harder among more faces."""
     images = person_images(crops, "train", ids)
-    persons = pd.factorize(np.array([str(i).split("/")[0] for i in ids]))[0]
+    persons = pd.factorize(person_of(ids))[0]
     groups = np.arange(len(ids))
     for s in range(persons.max() // persons_per_set + 1):
         rows = np.flatnonzero(persons // persons_per_set == s)
@@ -240,13 +246,9 @@ def oof_groups(crops, ids, unmasked, persons_per_set=300):
 
 def grouped(views, groups):
     """Gender and age log-probabilities averaged over each group's shots; the mask stays each shot's own."""
-    _, g = np.unique(groups, return_inverse=True)
 
-    def group_mean(v):
-        total = np.zeros((g.max() + 1, v.shape[1]))
-        np.add.at(total, g, v)
-        mean = (total / np.bincount(g)[:, None])[g]
-        return mean - np.log(np.exp(mean).sum(1, keepdims=True))  # log-probabilities again
+    def group_mean(v):  # log-probabilities again after the mean
+        return log_softmax(pd.DataFrame(v).groupby(groups).transform("mean").to_numpy(), axis=1)
 
     p = np.exp(views["label"]).reshape(-1, 3, 6)  # mask x (gender, age band): label = mask * 6 + gender * 3 + band
     mask, gender_age = np.log(p.sum(2) + 1e-12), group_mean(np.log(p.sum(1) + 1e-12))
@@ -315,7 +317,7 @@ def main():
         print(note)
     weights = weights / weights.sum()
 
-    offsets, group_test = None, False
+    offsets, group_test, rule_f1_known = None, False, None
     if args.adjust and args.per_task:
         raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
     shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
@@ -336,7 +338,8 @@ def main():
             group_test = with_groups > without
             if group_test:
                 combined = by_shots
-            persons = np.array([str(i).split("/")[0] for i in oof_ids])
+            rule_f1_known = max(with_groups, without)
+            persons = person_of(oof_ids)
             purity = float(np.mean(persons == persons[groups]))
             report["group_shots"] = dict(oof_f1_without=round(without, 4), oof_f1_with=round(with_groups, 4),
                                          oof_with_own_person=round(purity, 4), applied=bool(group_test))  # fmt: skip
@@ -345,7 +348,8 @@ def main():
                   + f"; {purity:.1%} of the shots grouped with their own person: "
                   + ("applied" if group_test else "not applied"))  # fmt: skip
         if args.adjust:
-            plain, cv_with = macro_f1(labels, predictions(combined, False)), rule_f1(combined)
+            plain = macro_f1(labels, predictions(combined, False))
+            cv_with = rule_f1_known if rule_f1_known is not None else rule_f1(combined)
             applied = cv_with > plain
             offsets = fit_offsets(combined["label"], labels, shared_by) if applied else None  # now on every image
             report["adjust"] = dict(by=args.adjust_by, oof_f1_without=round(plain, 4),
