@@ -104,3 +104,20 @@ def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one
         assert epochs(*every, "EPOCHS=4") == {"single": "4", "multi": "4", "coord": "4"}
         assert epochs(*every, "EPOCHS=4", "SINGLE_EPOCHS=7") == {"single": "7", "multi": "4", "coord": "4"}
     assert not list(tmp_path.iterdir())  # a plan writes nothing
+
+
+def test_seeds_train_each_model_once_per_seed_and_the_ensemble_takes_every_run(tmp_path):
+    def plan(*args):
+        text = make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", "MODELS=single multi", *args).stdout
+        trains = re.findall(r"train_(\w+)\.py .*--fold (\d) --out (\S+) (.*)", text)
+        seed = [re.search(r"--seed (\d+)", rest) for *_, rest in trains]
+        runs = {(script, out.rsplit("/", 1)[1], s and s.group(1)) for (script, _, out, _), s in zip(trains, seed)}
+        ensemble = re.search(r"ensemble\.py --runs (.*?) --", text).group(1).split()
+        return runs, len(trains), [r.rsplit("/", 1)[1] for r in ensemble]
+
+    assert plan() == ({("single", "single", None), ("multi", "multi", None)}, 10, ["single", "multi"])
+    runs, n_folds, ensembled = plan("SEEDS=0 1")
+    assert runs == {("single", "single", None), ("single", "single_seed1", "1"), ("multi", "multi", None),
+                    ("multi", "multi_seed1", "1")}  # fmt: skip
+    assert n_folds == 20 and ensembled == ["single", "single_seed1", "multi", "multi_seed1"]
+    assert not list(tmp_path.iterdir())

@@ -337,3 +337,26 @@ def test_group_shots_without_the_crops_fails_clearly(members, tmp_path):
     proc = run("ensemble.py", "--runs", *members, "--group-shots", "--crops", tmp_path / "nowhere", "--out",
                tmp_path / "s.csv", check=False)  # fmt: skip
     assert proc.returncode == 2 and "nowhere" in last_line(proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_group_bench_times_each_set_and_finds_the_persons(tmp_path):
+    # bench/group_bench.py on photo 'persons' (train.csv's true unmasked shots as anchors), sets of 5 and 10
+    persons = photo_persons(10, np.random.default_rng(2))
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    person_id = np.repeat([f"{p:06d}" for p in range(10)], 7)
+    shot = np.tile(np.arange(7), 10)
+    index = pd.DataFrame(dict(image_id=[f"{p}/shot{k}" for p, k in zip(person_id, shot)], person_id=person_id,
+                              mask=np.where(shot == 6, 2, np.where(shot == 5, 1, 0))))  # fmt: skip
+    index.to_csv(crops / "train.csv", index=False)
+    np.save(crops / "train_u8.npy", np.stack([s for shots in persons for s in shots]))
+    table = tmp_path / "table.md"
+    proc = run("bench/group_bench.py", "--crops", crops, "--persons", 5, 10, "--lsa-persons", 30, "--table", table)
+    rows = [line.strip(" |").split(" | ") for line in table.read_text().splitlines()]
+    assert [what for what, _ in rows] == [
+        "--group-shots, 5 persons (35 images)",
+        "--group-shots, 10 persons (70 images)",
+        "--group-shots assignment alone, 30 persons (random matrix)",
+    ]
+    assert all(figure.endswith("100.0% right") for _, figure in rows[:2]), rows
+    assert "10 / 5 persons" in proc.stdout and float(rows[2][1].split()[0]) >= 0
