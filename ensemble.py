@@ -217,10 +217,17 @@ def shot_groups(images, unmasked):
     for i, row in enumerate(tqdm(others, desc="matching shots", leave=False)):
         warped = F.grid_sample(x[row].expand(len(grid), -1, -1, -1), grid, padding_mode="border", align_corners=False)
         sim[i] = (anchor_top @ unit(warped).T).amax(1).numpy()
-    per_anchor = -(-len(others) // len(anchors))
-    matched, slot = linear_sum_assignment(np.repeat(sim, per_anchor, axis=1), maximize=True)
-    groups[others[matched]] = anchors[slot // per_anchor]
+    matched, anchor = assign_shots(sim)
+    groups[others[matched]] = anchors[anchor]
     return groups
+
+
+def assign_shots(sim):
+    """One to one on a (shots x unmasked shots) similarity: each unmasked shot takes at most ceil(shots /
+    unmasked). Returns (shot rows matched, their unmasked shot's column)."""
+    per_anchor = -(-sim.shape[0] // sim.shape[1])
+    matched, slot = linear_sum_assignment(np.repeat(sim, per_anchor, axis=1), maximize=True)
+    return matched, slot // per_anchor
 
 
 def person_images(crops, split, ids):

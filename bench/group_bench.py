@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.optimize import linear_sum_assignment
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows  # noqa: E402
-from ensemble import person_images, shot_groups  # noqa: E402
+from common import bench_rows, load_crops  # noqa: E402
+from ensemble import MATCH_SIZE, assign_shots, shot_groups  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")
@@ -32,15 +31,14 @@ args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 
-index = pd.read_csv(Path(args.crops) / "train.csv", dtype={"person_id": str, "image_id": str}, keep_default_na=False)
-images = person_images(args.crops, "train", index["image_id"].tolist())
+index, images = load_crops(args.crops, "train", MATCH_SIZE)  # the 32-px copies ensemble.py matches, in index order
 persons = pd.factorize(index["person_id"])[0]
 order = np.random.default_rng(0).permutation(persons.max() + 1)  # which persons go into a set
 rows_out, seconds = [], {}
 for n in args.persons:
     rows = np.flatnonzero(np.isin(persons, order[:n]))
     t = time.perf_counter()
-    groups = shot_groups(images[rows], index["mask"].to_numpy()[rows] == 2)
+    groups = shot_groups(np.asarray(images[rows]), index["mask"].to_numpy()[rows] == 2)
     seconds[n] = time.perf_counter() - t
     right = np.mean(persons[rows] == persons[rows][groups])
     print(f"{n:5d} persons ({len(rows)} images): {seconds[n]:6.1f} s, {right:.1%} with their own person", flush=True)
@@ -48,11 +46,11 @@ for n in args.persons:
 small, large = min(seconds), max(seconds)
 print(f"{large} / {small} persons: {seconds[large] / seconds[small]:.1f}x the time for {large / small:.1f}x the faces")
 
-# The assignment alone at the competition's size: each unmasked shot offered six slots, as shot_groups does.
+# The assignment alone at the competition's size: six masked shots to each unmasked one.
 others = 6 * args.lsa_persons
 sim = np.random.default_rng(0).random((others, args.lsa_persons), dtype=np.float32)
 t = time.perf_counter()
-linear_sum_assignment(np.repeat(sim, 6, axis=1), maximize=True)
+assign_shots(sim)
 lsa = time.perf_counter() - t
 print(f"assignment alone, {args.lsa_persons} persons ({others} x {others}, random similarities): {lsa:.1f} s")
 rows_out.append((f"--group-shots assignment alone, {args.lsa_persons} persons (random matrix)", f"{lsa:.1f} s"))
