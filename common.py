@@ -8,6 +8,7 @@ optimisation, prediction and metrics, plots, checkpoints and per-fold bookkeepin
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -632,6 +633,14 @@ def train_parser(doc):
     g.add_argument("--old-age", type=int, default=60, help="training targets: age band 2 starts here (scores: 60)")
     g.add_argument("--drop-ages", default="", help="training only: drop persons of these ages, e.g. 29,57-59")
     g.add_argument(
+        "--pseudo",
+        nargs="+",
+        default=[],
+        metavar="CSV",
+        help="a second round: ImageID,ans files of a first round's ensemble (submission.csv, submission_oof.csv);"
+        " the eval images and this fold's val images train on those labels (scores stay on the true ones)",
+    )
+    g.add_argument(
         "--sampler",
         choices=["random", "weighted", "person"],
         default="random",
@@ -730,6 +739,11 @@ def setup(args, script):
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    for p in args.pseudo:  # their content goes into the config: new labels from a first round start a fold over
+        if not Path(p).is_file():
+            raise DataError(f"--pseudo {p}: not found (ensemble.py writes it)")
+    if args.pseudo:
+        args.pseudo_sha1 = hashlib.sha1(b"".join(Path(p).read_bytes() for p in args.pseudo)).hexdigest()
     out = Path(args.out or f"WORK/runs/{script}")
     env = machine(device, args.precision, args.channels_last)
     env.__dict__.update(rank=rank, world=world, main=rank == 0, distributed=distributed, out=out, script=script)
@@ -861,10 +875,14 @@ def load_fold(args, fold, env):
     train_rows, val_rows = np.flatnonzero(keep), np.flatnonzero(is_val)
     # the uint8 cache stays a memory map on CPU (shared by processes), moves whole to a GPU
     images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
-    if env.device.type == "cuda":
-        images = images.to(env.device)
     train_targets = task_targets(index, args.old_age)
     true_targets = task_targets(index, 60)  # scores always on the true bands
+    if args.pseudo:  # (the training images and the eval ones, in memory: no longer one shared map)
+        n_true = len(train_rows)
+        index, images, train_targets, train_rows = add_pseudo(args, index, images, train_targets, train_rows, val_rows)
+        print0(env, f"pseudo: {len(train_rows) - n_true} images train on a first round's labels")
+    if env.device.type == "cuda":
+        images = images.to(env.device)
     counts = {
         t: torch.bincount(train_targets[t][train_rows], minlength=n) for t, n in (("label", 18),) + tuple(TASKS.items())
     }
@@ -884,6 +902,36 @@ def load_fold(args, fold, env):
         old_pool={k: torch.as_tensor(v) for k, v in old_pool.items()},
         steps_per_epoch=len(train_rows) // args.batch_size,
     )
+
+
+def add_pseudo(args, index, images, targets, train_rows, val_rows):
+    """--pseudo: a first round's ensemble labelled the eval images (its submission) and, out of fold, every
+    training image. The eval images and this fold's validation images train on those labels, so the fold's
+    validation persons stand where the eval persons stand: unlabelled, predicted once, trained on. Scores stay
+    on the true labels (data.true_targets)."""
+    pseudo = pd.concat([read_answers(p) for p in args.pseudo])
+    pseudo = pseudo[~pseudo.index.duplicated()]
+    ids = index["image_id"].to_numpy()
+    val = val_rows[np.isin(ids[val_rows], pseudo.index)]
+    eval_index, eval_cache = load_crops(args.crops, "eval", args.img_size)
+    eval_index = eval_index[eval_index["image_id"].isin(pseudo.index)]
+    if len(val) + len(eval_index) == 0:
+        raise DataError(f"--pseudo {' '.join(args.pseudo)}: no image id of the eval set or of this fold's val persons")
+
+    def as_targets(labels):
+        labels = np.array(labels)  # a copy: pandas hands out read-only arrays
+        mask, gender, band = split_class(labels)
+        years = (np.array([25.0, 45.0, 60.0])[band] - 40) / 20  # for --age-regression: the band's middle
+        return dict(label=labels, mask=mask, gender=gender, age=band, age_reg=years)
+
+    for k, v in as_targets(pseudo.loc[ids[val]].to_numpy()).items():  # this fold's val images: relabelled
+        targets[k][torch.as_tensor(val)] = torch.as_tensor(v).to(targets[k].dtype)
+    for k, v in as_targets(pseudo.loc[eval_index["image_id"]].to_numpy()).items():  # eval images: appended
+        targets[k] = torch.cat([targets[k], torch.as_tensor(v).to(targets[k].dtype)])
+    eval_rows = len(index) + np.arange(len(eval_index))
+    images = torch.cat([images, torch.from_numpy(np.asarray(eval_cache[eval_index.index.to_numpy()]))])
+    index = pd.concat([index, eval_index.assign(person_id="eval/" + eval_index["image_id"])], ignore_index=True)
+    return index, images, targets, np.concatenate([train_rows, val, eval_rows])
 
 
 def epoch_order(data, args, gen):

@@ -10,7 +10,8 @@ Members are run folders (their test_logits.npz and fold*/oof.npz) or bare logits
 (--adjust-by age) or per class (class); cross-validated over persons, applied only if they help out of fold.
 --group-shots finds the shots of one person among the images (by the unmasked top of the face, in --crops) and
 gives them one gender and age: averaged over the person's shots; applied only if it helps out of fold.
-Writes OUT (ImageID,ans), OUT with .json (the report) and _logits.npz beside it. Seconds to a minute.
+Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
+decision for every training image, out of fold (what train_*.py --pseudo reads). Seconds to a minute.
 """
 
 import argparse
@@ -164,16 +165,18 @@ def person_folds(ids, n_splits, seed):
     return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(persons, groups=persons))
 
 
-def offsets_cv_f1(logp, labels, ids, shared_by, seed):
+def offsets_cv(logp, labels, ids, shared_by, seed):
     """Macro F1 with offsets fitted on other persons: 5 folds by person, 3 times (for a gain this small
-    one split in two halves is too noisy: it said no where these 15 fits say yes, EXPERIMENTS.md)."""
-    f1s = []
+    one split in two halves is too noisy: it said no where these 15 fits say yes, EXPERIMENTS.md).
+    Returns the mean F1 and the first repeat's decisions: each image's class by offsets it was not fitted on."""
+    f1s, decisions = [], None
     for repeat in range(3):
         held = np.empty(len(labels), dtype=int)
         for fit_rows, check in person_folds(ids, 5, seed + repeat):
             held[check] = (logp[check] + fit_offsets(logp[fit_rows], labels[fit_rows], shared_by)).argmax(1)
         f1s.append(macro_f1(labels, held))
-    return float(np.mean(f1s))
+        decisions = held if decisions is None else decisions
+    return float(np.mean(f1s)), decisions
 
 
 # ---- the shots of one person -------------------------------------------------------
@@ -324,7 +327,7 @@ def main():
         print(note)
     weights = weights / weights.sum()
 
-    offsets, group_test, rule_f1_known = None, False, None
+    offsets, group_test, rule_known, out = None, False, None, Path(args.out)
     if args.adjust and args.per_task:
         raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
     shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
@@ -333,37 +336,42 @@ def main():
         ens_oof = macro_f1(labels, predictions(combined, args.per_task))
         report.update(oof_images=len(labels), ensemble_oof_macro_f1=round(ens_oof, 4))
 
-        def rule_f1(views):  # what the submission's rule scores out of fold
+        def rule(views):  # what the submission's rule scores out of fold, and its decision for each image
             if args.adjust:
-                return offsets_cv_f1(views["label"], labels, oof_ids, shared_by, args.seed)
-            return macro_f1(labels, predictions(views, args.per_task))
+                return offsets_cv(views["label"], labels, oof_ids, shared_by, args.seed)
+            pred = predictions(views, args.per_task)
+            return macro_f1(labels, pred), pred
 
         if args.group_shots:
             groups = oof_groups(args.crops, oof_ids, combined["mask"].argmax(1) == 2)
             by_shots = grouped(combined, groups)
-            without, with_groups = rule_f1(combined), rule_f1(by_shots)
-            group_test = with_groups > without
+            without, with_groups = rule(combined), rule(by_shots)
+            group_test = with_groups[0] > without[0]
             if group_test:
                 combined = by_shots
-            rule_f1_known = max(with_groups, without)
+            rule_known = with_groups if group_test else without
             persons = person_of(oof_ids)
             purity = float(np.mean(persons == persons[groups]))
-            report["group_shots"] = dict(oof_f1_without=round(without, 4), oof_f1_with=round(with_groups, 4),
+            report["group_shots"] = dict(oof_f1_without=round(without[0], 4), oof_f1_with=round(with_groups[0], 4),
                                          oof_with_own_person=round(purity, 4), applied=bool(group_test))  # fmt: skip
-            print(f"group shots: out-of-fold F1 {without:.4f} -> {with_groups:.4f}"
+            print(f"group shots: out-of-fold F1 {without[0]:.4f} -> {with_groups[0]:.4f}"
                   + (" (with the offsets, cross-validated)" if args.adjust else "")
                   + f"; {purity:.1%} of the shots grouped with their own person: "
                   + ("applied" if group_test else "not applied"))  # fmt: skip
+        oof_pred = predictions(combined, args.per_task)
         if args.adjust:
             plain = macro_f1(labels, predictions(combined, False))
-            cv_with = rule_f1_known if rule_f1_known is not None else rule_f1(combined)
+            cv_with, cv_pred = rule_known or rule(combined)
             applied = cv_with > plain
-            offsets = fit_offsets(combined["label"], labels, shared_by) if applied else None  # now on every image
+            if applied:
+                offsets, oof_pred = fit_offsets(combined["label"], labels, shared_by), cv_pred  # now on every image
             report["adjust"] = dict(by=args.adjust_by, oof_f1_without=round(plain, 4),
                                     oof_f1_with_cross_validated=round(cv_with, 4), applied=bool(applied),
                                     offsets=None if offsets is None else offsets.round(3).tolist())  # fmt: skip
             print(f"adjust: out-of-fold F1 {plain:.4f} -> {cv_with:.4f} (cross-validated over persons): "
                   + ("applied" if applied else "not applied"))  # fmt: skip
+        # the rule's decision for every training image, made without it: a second round's labels (--pseudo)
+        save_csv(pd.DataFrame(dict(ImageID=oof_ids, ans=oof_pred)), out.with_name(out.stem + "_oof.csv"))
     elif args.group_shots:
         print("group shots: no out-of-fold predictions to check it on: not applied")
     for name, f, w in zip(names, oof_f1, weights):
@@ -380,7 +388,6 @@ def main():
         combined = grouped(combined, groups)
         report["group_shots"]["test_groups"] = int(len(np.unique(groups)))
     pred = predictions(combined, args.per_task, offsets)
-    out = Path(args.out)
     save_csv(pd.DataFrame(dict(ImageID=test_ids, ans=pred)), out)
     save_logprobs(out.with_name(out.stem + "_logits.npz"), test_ids, combined)
     if args.answers:

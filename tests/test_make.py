@@ -121,3 +121,32 @@ def test_seeds_train_each_model_once_per_seed_and_the_ensemble_takes_every_run(t
                     ("multi", "multi_seed1", "1")}  # fmt: skip
     assert n_folds == 20 and ensembled == ["single", "single_seed1", "multi", "multi_seed1"]
     assert not list(tmp_path.iterdir())
+
+
+def test_pseudo_plans_a_second_round_on_the_first_rounds_labels(tmp_path):
+    text = make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", "MODELS=single multi", "PSEUDO=1").stdout
+    runs = f"{tmp_path}/runs"
+    ensembles = re.findall(r"ensemble\.py --runs (.*?) --weights.* --out (\S+)", text)
+    assert ensembles == [(f"{runs}/single {runs}/multi", f"{tmp_path}/round1.csv"),
+                         (f"{runs}/single_pseudo {runs}/multi_pseudo", f"{tmp_path}/submission.csv")]  # fmt: skip
+    trains = re.findall(r"train_(\w+)\.py .*--fold (\d) --out \S+/runs/(\w+) --resume (.*)", text)
+    first = {(script, fold): rest for script, fold, run, rest in trains if run == script}
+    second = {(script, fold): rest for script, fold, run, rest in trains if run == f"{script}_pseudo"}
+    assert len(first) == len(second) == 10 and len(trains) == 20
+    for key, rest in second.items():  # the same recipe, with the first round's labels
+        assert rest == f"{first[key]} --pseudo {tmp_path}/round1.csv {tmp_path}/round1_oof.csv"
+    lines = text.splitlines()  # the first round's ensemble comes before any training on its labels
+    round1 = min(i for i, line in enumerate(lines) if f"--out {tmp_path}/round1.csv" in line)
+    assert round1 < min(i for i, line in enumerate(lines) if "--pseudo" in line)
+    assert not list(tmp_path.iterdir())
+
+
+def test_pseudo_runs_both_rounds_end_to_end(demo_data, tmp_path):
+    proc = make("all", f"DATA={demo_data}", f"WORK={tmp_path}", *TINY, "MODELS=single", "PSEUDO=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("round1.csv", "round1_oof.csv", "submission.csv", "runs/single_pseudo/test_logits.npz"):
+        assert (tmp_path / name).is_file(), name
+    assert "images train on a first round's labels" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("macro_f1=")  # the second round's ensemble, scored
+    again = make("-q", "all", f"DATA={demo_data}", f"WORK={tmp_path}", *TINY, "MODELS=single", "PSEUDO=1")
+    assert again.returncode == 0  # nothing left to do

@@ -8,6 +8,7 @@ import pytest
 from conftest import last_line, run
 
 from common import save_logprobs, split_class
+from ensemble import macro_f1, offsets_cv
 
 
 def views_from_probs(p18):
@@ -137,8 +138,22 @@ def test_adjust_shares_one_offset_per_age_band_and_fixes_an_age_bias(tmp_path):
     assert (offsets == offsets[0]).all() and offsets[0, 2] > offsets[0, 1]
     test = np.load(member / "test_logits.npz")["logp_label"]  # the submission is argmax with the offsets
     assert pd.read_csv(out)["ans"].tolist() == (test + np.array(adjust["offsets"])).argmax(1).tolist()
+    # the rule's out-of-fold decisions (a second round's labels): offsets each image was not fitted on
+    oof = pd.read_csv(tmp_path / "sub_oof.csv", dtype={"ImageID": str})
+    assert oof["ImageID"].tolist() == oof_ids
+    logp = np.load(member / "fold0" / "oof.npz")["logp_label"].astype(np.float64)
+    _, held = offsets_cv(logp, labels, np.array(oof_ids), split_class(np.arange(18))[2], 0)
+    assert oof["ans"].tolist() == held.tolist() and macro_f1(labels, held) > macro_f1(labels, logp.argmax(1))
     run("ensemble.py", "--runs", member, "--adjust", "--adjust-by", "class", "--out", out)
     assert report(out)["adjust"]["by"] == "class" and len(report(out)["adjust"]["offsets"]) == 18
+
+
+def test_without_a_rule_the_out_of_fold_decisions_are_the_ensembles_argmax(members, tmp_path):
+    run("ensemble.py", "--runs", members[0], "--out", tmp_path / "s.csv")
+    oof = np.load(members[0] / "fold0" / "oof.npz")
+    decisions = pd.read_csv(tmp_path / "s_oof.csv", dtype={"ImageID": str})
+    assert decisions["ImageID"].tolist() == oof["image_id"].tolist()
+    assert decisions["ans"].tolist() == oof["logp_label"].argmax(1).tolist()
 
 
 def test_bad_weights_are_refused(members, tmp_path):

@@ -24,6 +24,7 @@ from common import (
     fast_relu6,
     focal_loss,
     load_checkpoint,
+    load_crops,
     load_fold,
     machine,
     make_loss,
@@ -498,3 +499,50 @@ def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_p
     assert (tmp_path / "sweep" / "ls" / "fold0" / "metrics.json").stat().st_mtime_ns == stamp
     bad = run("tools/sweep.py", "--recipe", "x y: nothing.py", check=False)
     assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --recipe")
+
+
+def first_round(crops, folder, eval_label=17, train_label=5):
+    """A first round's labels, as ensemble.py writes them: the eval images, and every training image out of fold."""
+    train_ids = pd.read_csv(crops / "crops" / "train.csv", dtype={"image_id": str})["image_id"]
+    eval_ids = pd.read_csv(crops / "crops" / "eval.csv", dtype={"image_id": str})["image_id"]
+    files = folder / "round1.csv", folder / "round1_oof.csv"
+    pd.DataFrame(dict(ImageID=eval_ids, ans=eval_label)).to_csv(files[0], index=False)
+    pd.DataFrame(dict(ImageID=train_ids, ans=train_label)).to_csv(files[1], index=False)
+    return [str(f) for f in files], len(train_ids), len(eval_ids)
+
+
+def test_pseudo_labels_train_the_val_fold_and_the_eval_images_and_scores_stay_true(crops, tmp_path):
+    files, n_train, n_eval = first_round(crops, tmp_path)
+    flags = ["--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"), "--img-size", "32"]
+    cpu = machine(torch.device("cpu"), "fp32", "off")
+    plain = load_fold(train_parser("").parse_args(flags), 1, cpu)
+    data = load_fold(train_parser("").parse_args(flags + ["--pseudo", *files]), 1, cpu)
+    val, eval_rows = plain.val_rows, list(range(n_train, n_train + n_eval))
+    assert torch.equal(data.val_rows, val)
+    assert sorted(data.train_rows.tolist()) == sorted(plain.train_rows.tolist() + val.tolist() + eval_rows)
+    # the training persons keep their true labels; the val fold trains on 5, the eval images on 17
+    assert torch.equal(data.targets["label"][plain.train_rows], plain.targets["label"][plain.train_rows])
+    assert (data.targets["label"][val] == 5).all() and (data.targets["label"][eval_rows] == 17).all()
+    assert (data.targets["mask"][eval_rows] == 2).all() and (data.targets["age"][val] == 2).all()
+    assert torch.equal(data.true_targets["label"][val], plain.true_targets["label"][val])  # what is scored
+    assert not (plain.true_targets["label"][val] == 5).all()
+    _, eval_cache = load_crops(crops / "crops", "eval", 32)
+    assert np.array_equal(data.images[n_train:].numpy(), np.asarray(eval_cache))  # the eval pixels, appended
+
+
+def test_pseudo_through_the_trainer_and_new_labels_start_the_fold_over(crops, tmp_path):
+    files, _, n_eval = first_round(crops, tmp_path)
+    out = tmp_path / "run"
+    proc = train("train_single.py", crops, out, "--fold", 1, "--epochs", 1, "--pseudo", *files)
+    n_val = len(np.load(out / "fold1" / "oof.npz")["image_id"])
+    assert f"pseudo: {n_val + n_eval} images train on a first round's labels" in proc.stdout
+    proc = train("train_single.py", crops, out, "--fold", 1, "--epochs", 1, "--resume", "--pseudo", *files)
+    assert "resumed after epoch 0" in proc.stdout
+    first_round(crops, tmp_path, eval_label=3)  # the same files, a first round that said otherwise
+    proc = train("train_single.py", crops, out, "--fold", 1, "--epochs", 1, "--resume", "--pseudo", *files)
+    assert "other settings (pseudo_sha1): starting over" in proc.stdout
+    proc = train("train_single.py", crops, out, "--fold", 1, "--pseudo", tmp_path / "none.csv", check=False)
+    assert (
+        proc.returncode == 2
+        and last_line(proc.stderr) == f"error: --pseudo {tmp_path / 'none.csv'}: not found (ensemble.py writes it)"
+    )
