@@ -918,16 +918,14 @@ def add_pseudo(args, index, images, targets, train_rows, val_rows):
     if len(val) + len(eval_index) == 0:
         raise DataError(f"--pseudo {' '.join(args.pseudo)}: no image id of the eval set or of this fold's val persons")
 
-    def as_targets(labels):
-        labels = np.array(labels)  # a copy: pandas hands out read-only arrays
+    def as_targets(labels):  # task_targets of a class: its age is the band's middle (for --age-regression)
         mask, gender, band = split_class(labels)
-        years = (np.array([25.0, 45.0, 60.0])[band] - 40) / 20  # for --age-regression: the band's middle
-        return dict(label=labels, mask=mask, gender=gender, age=band, age_reg=years)
+        return task_targets(pd.DataFrame(dict(mask=mask, gender=gender, age=np.array([25, 45, 60])[band])))
 
-    for k, v in as_targets(pseudo.loc[ids[val]].to_numpy()).items():  # this fold's val images: relabelled
-        targets[k][torch.as_tensor(val)] = torch.as_tensor(v).to(targets[k].dtype)
-    for k, v in as_targets(pseudo.loc[eval_index["image_id"]].to_numpy()).items():  # eval images: appended
-        targets[k] = torch.cat([targets[k], torch.as_tensor(v).to(targets[k].dtype)])
+    for k, v in as_targets(pseudo.loc[ids[val]]).items():  # this fold's val images: relabelled
+        targets[k][torch.as_tensor(val)] = v
+    for k, v in as_targets(pseudo.loc[eval_index["image_id"]]).items():  # eval images: appended
+        targets[k] = torch.cat([targets[k], v])
     eval_rows = len(index) + np.arange(len(eval_index))
     images = torch.cat([images, torch.from_numpy(np.asarray(eval_cache[eval_index.index.to_numpy()]))])
     index = pd.concat([index, eval_index.assign(person_id="eval/" + eval_index["image_id"])], ignore_index=True)

@@ -360,7 +360,7 @@ def main():
                   + ("applied" if group_test else "not applied"))  # fmt: skip
         oof_pred = predictions(combined, args.per_task)
         if args.adjust:
-            plain = macro_f1(labels, predictions(combined, False))
+            plain = macro_f1(labels, oof_pred)  # (--adjust refuses --per-task: this is the joint argmax)
             cv_with, cv_pred = rule_known or rule(combined)
             applied = cv_with > plain
             if applied:
