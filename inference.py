@@ -1,4 +1,4 @@
-"""Predict the eval set with a trained run (all its folds averaged), or single photos.
+"""Predict the eval set with a trained run (its folds and its --full-train model averaged), or single photos.
 
     python inference.py --run WORK/runs/single --crops WORK/crops --tta flip --answers DATA/eval/answers.csv
     python inference.py --run WORK/runs/single --image photo1.jpg photo2.png
@@ -57,7 +57,7 @@ parser.add_argument("--tta", choices=["none", "flip", "flip+shift"], default="fl
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans (extra columns allowed): score against it")
 parser.add_argument("--image", nargs="+", default=None, help="predict these photos instead of the eval set")
 parser.add_argument("--embed", action="store_true", help="t-SNE plot of penultimate features (RUN/embed.png)")
-parser.add_argument("--use-folds", default="all", help="folds of the run to average, e.g. 0,1 (default: all)")
+parser.add_argument("--use-folds", default="all", help="folds to average, e.g. 0,1 or 0,1,2,3,4,full (default: all)")
 parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
 

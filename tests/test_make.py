@@ -58,6 +58,7 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     whole, work = tmp_path / "whole", tmp_path / "killed"
     first = make("all", f"DATA={demo_data}", f"WORK={whole}", *TINY)
     assert first.returncode == 0 and "macro_f1" in first.stdout
+    assert "2 model(s) (fold0, foldfull)" in first.stdout  # the fold's model and the one trained on every person
 
     crops = work / "crops"
     kill_make_during(demo_data, work, "preprocess.py", lambda: len(list(crops.rglob("*.png"))) >= 30)
@@ -120,6 +121,24 @@ def test_seeds_train_each_model_once_per_seed_and_the_ensemble_takes_every_run(t
     assert runs == {("single", "single", None), ("single", "single_seed1", "1"), ("multi", "multi", None),
                     ("multi", "multi_seed1", "1")}  # fmt: skip
     assert n_folds == 20 and ensembled == ["single", "single_seed1", "multi", "multi_seed1"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_each_run_adds_a_model_trained_on_every_person_after_its_folds(tmp_path):
+    def plan(*args):
+        return make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", "MODELS=single multi", *args).stdout.splitlines()
+
+    lines = plan()
+    for model in ("single", "multi"):
+        trains = [i for i, line in enumerate(lines) if f"train_{model}.py" in line]
+        full = [i for i in trains if "--full-train" in lines[i]]
+        assert len(trains) == 6 and full == [max(trains)]  # after the folds whose epochs it takes
+        assert lines[full[0]].replace("--full-train", "--fold 4") == lines[trains[-2]]  # the same recipe
+        infer = next(line for line in lines if f"inference.py --run {tmp_path}/runs/{model} " in line)
+        assert "--use-folds 0,1,2,3,4,full" in infer
+    without = plan("FULL=0")
+    assert not any("--full-train" in line for line in without)
+    assert sum("--use-folds 0,1,2,3,4 " in line + " " for line in without) == 2
     assert not list(tmp_path.iterdir())
 
 
