@@ -181,7 +181,7 @@ $(foreach m,$(MODELS),$(foreach s,$(SEEDS),$(foreach k,$(MODEL_FOLDS),\
 	$(eval $(call train_fold,$(m),$(call run_of,$(m),$(s))_pseudo,$(k),$(call pseudo_run_flags,$(m),$(s)),$(WORK)/round1.csv)))))
 endif
 
-# ---- 4. predict the eval set with each model (its folds averaged)
+# ---- 4. predict the eval set with each run (its fold models, and with FULL=1 the one on every person, averaged)
 $(WORK)/runs/%/test_logits.npz: $(WORK)/inference_flags.txt $(foreach k,$(MODEL_FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json)
 	$(PY) inference.py --run $(WORK)/runs/$* --crops $(WORK)/crops $(infer_flags) $(if $(ANSWERS),--answers $(ANSWERS))
 

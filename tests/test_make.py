@@ -126,19 +126,23 @@ def test_seeds_train_each_model_once_per_seed_and_the_ensemble_takes_every_run(t
 
 def test_each_run_adds_a_model_trained_on_every_person_after_its_folds(tmp_path):
     def plan(*args):
-        return make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", "MODELS=single multi", *args).stdout.splitlines()
+        return make("-n", *args, "DATA=nodata", f"WORK={tmp_path}", "MODELS=single multi").stdout.splitlines()
 
-    lines = plan()
+    lines = plan("all")
     for model in ("single", "multi"):
-        trains = [i for i, line in enumerate(lines) if f"train_{model}.py" in line]
-        full = [i for i in trains if "--full-train" in lines[i]]
-        assert len(trains) == 6 and full == [max(trains)]  # after the folds whose epochs it takes
-        assert lines[full[0]].replace("--full-train", "--fold 4") == lines[trains[-2]]  # the same recipe
+        trains = [line for line in lines if f"train_{model}.py" in line]
+        full = [line for line in trains if "--full-train" in line]
+        assert len(trains) == 6 and len(full) == 1
+        assert full[0].replace("--full-train", "--fold 4") in trains  # the same recipe
         infer = next(line for line in lines if f"inference.py --run {tmp_path}/runs/{model} " in line)
         assert "--use-folds 0,1,2,3,4,full" in infer
-    without = plan("FULL=0")
+    # it needs the folds first: its epochs are the ones they chose
+    alone = plan(f"{tmp_path}/runs/single/foldfull/metrics.json")
+    assert [line.split("--fold ")[1][0] for line in alone if "--fold " in line] == ["0", "1", "2", "3", "4"]
+    assert "--full-train" in alone[-1]
+    without = [line for line in plan("all", "FULL=0") if "train_" in line or "inference.py" in line]
     assert not any("--full-train" in line for line in without)
-    assert sum("--use-folds 0,1,2,3,4 " in line + " " for line in without) == 2
+    assert [line.split("--use-folds ")[1].split()[0] for line in without if "inference.py" in line] == ["0,1,2,3,4"] * 2
     assert not list(tmp_path.iterdir())
 
 
