@@ -35,8 +35,8 @@ BATCH ?= 32
 else
 # five folds of 3 epochs (chosen by CV on the bench train split, EXPERIMENTS.md): their out-of-fold predictions
 # cover every training image, so ensemble.py can fit its decision rule (--adjust: OOF F1 0.539 -> 0.550
-# cross-validated), and one model on every person (FULL=1); one recipe, for the time: a second seed beside it (SEEDS="0 1") gained 0.012 OOF F1 on average,
-# train_multi 0.004, each at twice the time.
+# cross-validated), and one model on every person (FULL=1); one recipe, for the time: a second seed beside it
+# (SEEDS="0 1") gained 0.012 OOF F1 on average, train_multi 0.004, each at twice the time.
 # MODELS="single multi coord" trains all three (a coordinate step costs three passes).
 BACKBONE ?= tf_efficientnet_lite0
 IMG_SIZE ?= 128
