@@ -58,7 +58,7 @@ SEEDS ?= 0
 # and its val fold (--pseudo), and the submission is the second round's ensemble. 48 min instead of 21 on the bench
 # set, and no better than a second seed (EXPERIMENTS.md): off.
 PSEUDO ?= 0
-# FULL=1: each run also trains one model on every training person (--full-train, for the epochs its folds chose),
+# FULL=1: each run also trains one model on every training person (--fold full, for the epochs its folds chose),
 # averaged with the fold models at inference. Nested CV on the bench train split: +0.013 macro F1 with the rule
 # (18 of 20 pairs), for one fold's time (26 min instead of 21); eval +0.007 with the offsets (EXPERIMENTS.md)
 FULL ?= 1
@@ -168,11 +168,11 @@ $(WORK)/folds.csv: $(WORK)/crops/eval.csv
 
 # ---- 3. train: one target per model, seed and fold; --resume continues a fold a kill interrupted
 # train_fold = model, run, fold, its flags, more prerequisites. Fold `full` trains on every person, after the
-# other folds: its epochs are theirs (--full-train)
+# other folds: its epochs are theirs
 define train_fold
 $(WORK)/runs/$(2)/fold$(3)/metrics.json: $(WORK)/runs/$(2)/flags.txt $(WORK)/folds.csv $(5) \
 		$(if $(filter full,$(3)),$(foreach k,$(FOLDS),$(WORK)/runs/$(2)/fold$(k)/metrics.json))
-	$(PY) train_$(1).py --crops $(WORK)/crops --folds $(WORK)/folds.csv $(if $(filter full,$(3)),--full-train,--fold $(3)) --out $(WORK)/runs/$(2) --resume $(4)
+	$(PY) train_$(1).py --crops $(WORK)/crops --folds $(WORK)/folds.csv --fold $(3) --out $(WORK)/runs/$(2) --resume $(4)
 endef
 $(foreach m,$(MODELS),$(foreach s,$(SEEDS),$(foreach k,$(MODEL_FOLDS),\
 	$(eval $(call train_fold,$(m),$(call run_of,$(m),$(s)),$(k),$(call run_flags,$(m),$(s)))))))

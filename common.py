@@ -626,8 +626,13 @@ def train_parser(doc):
     g = p.add_argument_group("data")
     g.add_argument("--crops", default="WORK/crops", help="preprocess.py output")
     g.add_argument("--folds", default="WORK/folds.csv", help="split.py output")
-    g.add_argument("--fold", default="0", help="fold to validate on: 0..K-1, or 'all' (one after the other)")
-    g.add_argument("--full-train", action="store_true", help="train on every person for the epochs CV chose")
+    g.add_argument(
+        "--fold",
+        default="0",
+        help="fold to validate on: 0..K-1, 'all' (one after the other), or 'full': train on every person for the "
+        "epochs the run's folds chose",
+    )
+    g.add_argument("--full-train", action="store_true", help="the same as --fold full")
     g.add_argument("--out", default=None, help="run folder (default WORK/runs/<script>)")
     g.add_argument("--img-size", type=positive_int, default=128, help="side of the square input, pixels")
     g.add_argument("--old-age", type=int, default=60, help="training targets: age band 2 starts here (scores: 60)")
@@ -739,6 +744,8 @@ def setup(args, script):
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    if args.fold == "full":  # one spelling in the config: a fold begun as --full-train resumes as --fold full
+        args.full_train = True
     for p in args.pseudo:  # their content goes into the config: new labels from a first round start a fold over
         if not Path(p).is_file():
             raise DataError(f"--pseudo {p}: not found (ensemble.py writes it)")
@@ -1638,7 +1645,7 @@ def unwrap(model):
 
 
 def folds_to_run(args, n_folds=None):
-    if args.full_train:
+    if args.full_train or args.fold == "full":
         return ["full"]
     if args.fold == "all":
         if n_folds is None:
@@ -1647,11 +1654,11 @@ def folds_to_run(args, n_folds=None):
     try:
         return [int(args.fold)]
     except ValueError:
-        raise DataError(f"--fold {args.fold}: expected a fold number or 'all'") from None
+        raise DataError(f"--fold {args.fold}: expected a fold number, 'all' or 'full'") from None
 
 
 def full_train_epochs(args, env):
-    """--full-train: the mean best epoch of the run's CV folds, else --epochs."""
+    """--fold full: the mean best epoch of the run's CV folds, else --epochs."""
     best = [json.loads(p.read_text())["best_epoch"] for p in sorted(env.out.glob("fold[0-9]*/metrics.json"))]
     return round(float(np.mean(best))) + 1 if best else args.epochs
 
@@ -1718,7 +1725,7 @@ class Tracker:
             improved = s["macro_f1"] > self.best_f1
             if improved:
                 self.best_f1, self.best_epoch, self.best_views, self.best_true = s["macro_f1"], epoch, views, true
-        else:  # full-train: the last epoch is the one to keep
+        else:  # --fold full: the last epoch is the one to keep
             improved, self.best_epoch = True, epoch
         self.rows.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
         if self.env.main:

@@ -1,4 +1,5 @@
-"""Predict the eval set with a trained run (its folds and its --full-train model averaged), or single photos.
+"""Predict the eval set with a trained run (its folds and its model on every person, --fold full, averaged),
+or single photos.
 
     python inference.py --run WORK/runs/single --crops WORK/crops --tta flip --answers DATA/eval/answers.csv
     python inference.py --run WORK/runs/single --image photo1.jpg photo2.png

@@ -131,17 +131,17 @@ def test_each_run_adds_a_model_trained_on_every_person_after_its_folds(tmp_path)
     lines = plan("all")
     for model in ("single", "multi"):
         trains = [line for line in lines if f"train_{model}.py" in line]
-        full = [line for line in trains if "--full-train" in line]
+        full = [line for line in trains if "--fold full" in line]
         assert len(trains) == 6 and len(full) == 1
-        assert full[0].replace("--full-train", "--fold 4") in trains  # the same recipe
+        assert full[0].replace("--fold full", "--fold 4") in trains  # the same recipe
         infer = next(line for line in lines if f"inference.py --run {tmp_path}/runs/{model} " in line)
         assert "--use-folds 0,1,2,3,4,full" in infer
     # it needs the folds first: its epochs are the ones they chose
     alone = plan(f"{tmp_path}/runs/single/foldfull/metrics.json")
-    assert [line.split("--fold ")[1][0] for line in alone if "--fold " in line] == ["0", "1", "2", "3", "4"]
-    assert "--full-train" in alone[-1]
+    folds = [line.split("--fold ")[1].split()[0] for line in alone if "--fold " in line]
+    assert folds == ["0", "1", "2", "3", "4", "full"]
     without = [line for line in plan("all", "FULL=0") if "train_" in line or "inference.py" in line]
-    assert not any("--full-train" in line for line in without)
+    assert not any("--fold full" in line for line in without)
     assert [line.split("--use-folds ")[1].split()[0] for line in without if "inference.py" in line] == ["0,1,2,3,4"] * 2
     assert not list(tmp_path.iterdir())
 

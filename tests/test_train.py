@@ -473,10 +473,13 @@ def test_knobs_run_together(crops, tmp_path, script, flags):
 def test_full_train_uses_the_epochs_cv_found(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2, "--max-steps", 2)
     best = json.loads((tmp_path / "fold0" / "metrics.json").read_text())["best_epoch"]
-    proc = train("train_single.py", crops, tmp_path, "--full-train", "--epochs", 5, "--max-steps", 2)
+    proc = train("train_single.py", crops, tmp_path, "--fold", "full", "--epochs", 5, "--max-steps", 2)
     assert f"{best + 1} epochs" in proc.stdout
     assert len(pd.read_csv(tmp_path / "foldfull" / "log.csv")) == best + 1
     assert not (tmp_path / "foldfull" / "oof.npz").exists()
+    # --full-train is its other name: a fold begun as one resumes as the other
+    again = train("train_single.py", crops, tmp_path, "--full-train", "--epochs", 5, "--max-steps", 2, "--resume")
+    assert f"resumed after epoch {best}" in again.stdout and "starting over" not in again.stdout
 
 
 def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_path):
