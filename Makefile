@@ -60,7 +60,7 @@ SEEDS ?= 0
 PSEUDO ?= 0
 # FULL=1: each run also trains one model on every training person (--fold full, for the epochs its folds chose),
 # averaged with the fold models at inference. Nested CV on the bench train split: +0.013 macro F1 with the rule
-# (18 of 20 pairs), for one fold's time (26 min instead of 21); eval +0.007 with the offsets (EXPERIMENTS.md)
+# (18 of 20 pairs), for one fold's time (25 min in all, instead of 21); eval +0.007 with the offsets (EXPERIMENTS.md)
 FULL ?= 1
 NFOLDS ?= 5
 SEED ?= 42
