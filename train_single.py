@@ -4,8 +4,8 @@
         --backbone tf_efficientnet_lite0 --img-size 128 --epochs 6 --out WORK/runs/single
 
 Writes WORK/runs/single/config.json and per fold fold0/{best.pt, last.pt, log.csv, metrics.json,
-oof.npz, curves.png, confusion.png}. --fold all trains every fold, then --fold full one more model on every
-person (foldfull/, no oof.npz); --resume continues from last.pt;
+oof.npz, curves.png, confusion.png}. --fold all trains every fold; --fold full, run after them, one more model on
+every person for the epochs they chose (foldfull/, no oof.npz); --resume continues from last.pt;
 `torchrun --nproc_per_node=N train_single.py ...` trains data-parallel.
 The knobs all trainers share are in common.train_parser (see --help); this one adds none.
 """
