@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO, last_line, run
+from sklearn.metrics import f1_score
 
 from common import (
     TASKS,
@@ -502,6 +503,23 @@ def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_p
     assert (tmp_path / "sweep" / "ls" / "fold0" / "metrics.json").stat().st_mtime_ns == stamp
     bad = run("tools/sweep.py", "--recipe", "x y: nothing.py", check=False)
     assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --recipe")
+
+
+def test_tta_check_scores_each_tta_out_of_fold_and_none_is_the_saved_oof(crops, tmp_path):
+    train("train_single.py", crops, tmp_path, "--fold", "all", "--epochs", 2)  # far enough from uniform to tell flips
+    train("train_single.py", crops, tmp_path, "--fold", "full", "--epochs", 1, "--max-steps", 2)  # has no val: skipped
+    proc = run("tools/tta_check.py", "--run", tmp_path, "--crops", crops / "crops", "--folds", crops / "folds.csv")
+    table = {row[0]: [float(x) for x in row[1:]] for row in map(str.split, proc.stdout.splitlines())
+             if row[:1] in (["none"], ["flip"], ["flip+shift"])}  # fmt: skip
+    assert list(table) == ["none", "flip", "flip+shift"] and "(3 folds)" in proc.stdout
+    saved = [np.load(p) for p in sorted(tmp_path.glob("fold[0-9]/oof.npz"))]
+    logp, label = (np.concatenate([z[k] for z in saved]) for k in ("logp_label", "label"))
+    f1 = f1_score(label, logp.argmax(1), average="macro", labels=range(18), zero_division=0)
+    nll = -logp[np.arange(len(label)), label].mean()
+    assert table["none"][0] == pytest.approx(f1, abs=1e-4) and table["none"][2] == pytest.approx(nll, abs=1e-3)
+    assert table["flip"][2] != table["none"][2]  # the mirrored image was predicted too
+    bad = run("tools/tta_check.py", "--run", tmp_path / "nothing", check=False)
+    assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --run")
 
 
 def first_round(crops, folder, eval_label=17, train_label=5):
