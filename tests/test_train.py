@@ -520,6 +520,11 @@ def test_tta_check_scores_each_tta_out_of_fold_and_none_is_the_saved_oof(crops, 
     assert table["flip"][2] != table["none"][2]  # the mirrored image was predicted too
     bad = run("tools/tta_check.py", "--run", tmp_path / "nothing", check=False)
     assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --run")
+    other = pd.read_csv(crops / "folds.csv", dtype={"person_id": str}).assign(fold=0)  # not the run's folds
+    other.to_csv(tmp_path / "other.csv", index=False)
+    bad = run("tools/tta_check.py", "--run", tmp_path, "--crops", crops / "crops", "--folds", tmp_path / "other.csv",
+              "--tta", "none", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "no images in fold1" in last_line(bad.stderr)
 
 
 def first_round(crops, folder, eval_label=17, train_label=5):

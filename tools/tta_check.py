@@ -20,7 +20,17 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
-from common import DataError, keep_freed_memory, load_crops, machine, predict, run_main, split_class, task_targets  # noqa: E402
+from common import (  # noqa: E402
+    DataError,
+    keep_freed_memory,
+    load_crops,
+    machine,
+    positive_int,
+    predict,
+    run_main,
+    split_class,
+    task_targets,
+)
 from ensemble import macro_f1, offsets_cv  # noqa: E402
 from inference import load_models  # noqa: E402
 
@@ -29,9 +39,15 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--run", required=True, help="a trained run folder (fold*/best.pt)")
 parser.add_argument("--crops", default="WORK/crops", help="preprocess.py output")
 parser.add_argument("--folds", default="WORK/folds.csv", help="split.py output the run was trained on")
-parser.add_argument("--tta", nargs="+", default=["none", "flip", "flip+shift"], choices=["none", "flip", "flip+shift"])
+parser.add_argument(
+    "--tta",
+    nargs="+",
+    default=["none", "flip", "flip+shift"],
+    choices=["none", "flip", "flip+shift"],
+    help="to compare",
+)
 parser.add_argument("--seed", type=int, default=0, help="the person folds of the offsets' check")
-parser.add_argument("--batch-size", type=int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=256)
 
 
 def main():
@@ -43,6 +59,8 @@ def main():
         raise DataError(f"--run {args.run}: only a model on every person, no fold to check out of fold")
     index, cache = load_crops(args.crops, "train", models[0][4].img_size)
     images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+    if not Path(args.folds).is_file():
+        raise DataError(f"--folds {args.folds}: not found (split.py writes it)")
     folds = pd.read_csv(args.folds, dtype={"person_id": str})
     fold_of = index["person_id"].map(dict(zip(folds["person_id"], folds["fold"]))).to_numpy()
     labels = task_targets(index, 60)["label"].numpy()  # true bands, as every score
@@ -53,6 +71,8 @@ def main():
         rows, logp = [], []
         for name, model, mean, std, _ in tqdm(models, desc=tta, leave=False):
             fold_rows = torch.as_tensor(np.flatnonzero(fold_of == int(name.removeprefix("fold"))))
+            if not len(fold_rows):
+                raise DataError(f"--folds {args.folds}: no images in {name}: not the folds the run was trained on")
             rows.append(fold_rows.numpy())
             logp.append(predict(model, images, fold_rows, env, mean, std, args.batch_size, tta)["label"])
         rows, logp = np.concatenate(rows), np.concatenate(logp)
