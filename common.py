@@ -864,20 +864,26 @@ def task_targets(index, old_age=60):
     )
 
 
-def load_fold(args, fold, env):
-    """Training and validation rows of one fold, with the pixels on the device when it is a GPU."""
-    index, cache = load_crops(args.crops, "train", args.img_size)
-    folds_path = Path(args.folds)
+def fold_of_images(index, folds_path):
+    """The fold of each crop in a crops index, from split.py's folds.csv (which is per person)."""
+    folds_path = Path(folds_path)
     if not folds_path.is_file():
         raise DataError(f"{folds_path}: not found (run split.py first)")
     folds = pd.read_csv(folds_path, dtype={"person_id": str})
-    n_folds = folds["fold"].nunique()
     fold_of = index["person_id"].map(dict(zip(folds["person_id"], folds["fold"])))
     if fold_of.isna().any():
         raise DataError(f"{folds_path}: {fold_of.isna().sum()} images of persons without a fold: rerun split.py")
+    return fold_of.to_numpy(int)
+
+
+def load_fold(args, fold, env):
+    """Training and validation rows of one fold, with the pixels on the device when it is a GPU."""
+    index, cache = load_crops(args.crops, "train", args.img_size)
+    fold_of = fold_of_images(index, args.folds)
+    n_folds = len(np.unique(fold_of))
     if fold != "full" and not 0 <= fold < n_folds:
-        raise DataError(f"--fold {fold}: {folds_path} has folds 0..{n_folds - 1}")
-    is_val = (fold_of == fold).to_numpy() if fold != "full" else np.zeros(len(index), bool)
+        raise DataError(f"--fold {fold}: {args.folds} has folds 0..{n_folds - 1}")
+    is_val = fold_of == fold if fold != "full" else np.zeros(len(index), bool)
     keep = ~is_val & ~index["age"].isin(parse_ages(args.drop_ages)).to_numpy()
     train_rows, val_rows = np.flatnonzero(keep), np.flatnonzero(is_val)
     # the uint8 cache stays a memory map on CPU (shared by processes), moves whole to a GPU

@@ -527,6 +527,10 @@ def test_tta_check_scores_each_tta_out_of_fold_and_none_is_the_saved_oof(crops, 
     bad = run("tools/tta_check.py", "--run", tmp_path, "--crops", crops / "crops", "--folds", tmp_path / "other.csv",
               "--tta", "none", check=False)  # fmt: skip
     assert bad.returncode == 2 and "no images in fold1" in last_line(bad.stderr)
+    bad = run("tools/tta_check.py", "--run", tmp_path, "--crops", crops / "crops", "--folds", tmp_path / "none.csv",
+              check=False)  # fmt: skip
+    missing = f"error: {tmp_path / 'none.csv'}: not found (run split.py first)"
+    assert bad.returncode == 2 and last_line(bad.stderr) == missing
 
 
 def first_round(crops, folder, eval_label=17, train_label=5):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
 from common import (  # noqa: E402
     DataError,
+    fold_of_images,
     keep_freed_memory,
     load_crops,
     machine,
@@ -54,15 +54,13 @@ def main():
     args = parser.parse_args()
     env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory(env.device)
-    models = [m for m in load_models(args.run, env) if m[0] != "foldfull"]  # it has no val images
-    if not models:
-        raise DataError(f"--run {args.run}: only a model on every person, no fold to check out of fold")
+    cv_folds = sorted(p.parent.name.removeprefix("fold") for p in Path(args.run).glob("fold[0-9]*/best.pt"))
+    if not cv_folds:  # (foldfull, the model on every person, has no val images)
+        raise DataError(f"--run {args.run}: no fold*/best.pt of a cross-validation fold inside (train first)")
+    models = load_models(args.run, env, ",".join(cv_folds))
     index, cache = load_crops(args.crops, "train", models[0][4].img_size)
     images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
-    if not Path(args.folds).is_file():
-        raise DataError(f"--folds {args.folds}: not found (split.py writes it)")
-    folds = pd.read_csv(args.folds, dtype={"person_id": str})
-    fold_of = index["person_id"].map(dict(zip(folds["person_id"], folds["fold"]))).to_numpy()
+    fold_of = fold_of_images(index, args.folds)
     labels = task_targets(index, 60)["label"].numpy()  # true bands, as every score
     shared_by = split_class(np.arange(18))[2]
 
