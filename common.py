@@ -910,7 +910,6 @@ def load_fold(args, fold, env):
         targets=train_targets,
         true_targets=true_targets,
         counts=counts,
-        n_folds=n_folds,
         fold=fold,
         old_pool={k: torch.as_tensor(v) for k, v in old_pool.items()},
         steps_per_epoch=len(train_rows) // args.batch_size,
