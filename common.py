@@ -1650,7 +1650,7 @@ def unwrap(model):
 
 
 def folds_to_run(args, n_folds=None):
-    if args.full_train or args.fold == "full":
+    if args.full_train:  # (setup() sets it for --fold full too)
         return ["full"]
     if args.fold == "all":
         if n_folds is None:
