@@ -807,15 +807,16 @@ def print0(env, *a):
 
 # ---- data: the packed cache, folds, training targets ---------------------------------
 def load_crops(crops_dir, split, img_size):
-    """Index of a split and its uint8 cache (N, img_size, img_size, 3) as a memory map.
-    A cache at another size is resized once and kept beside it (crops/<split>_u8_<size>.npy),
-    so every later run and every torchrun process maps the same file: no copies."""
+    """Index of a split and its uint8 cache (N, img_size, img_size, 3) as a copy-on-write memory map
+    (writable, so torch.from_numpy takes it as it is; a write stays in the process). A cache at another
+    size is resized once and kept beside it (crops/<split>_u8_<size>.npy), so every later run and every
+    torchrun process maps the same file: no copies."""
     crops_dir = Path(crops_dir)
     index_path, cache_path = crops_dir / f"{split}.csv", crops_dir / f"{split}_u8.npy"
     if not index_path.is_file() or not cache_path.is_file():
         raise DataError(f"{index_path}: not found (run preprocess.py first)")
     index = pd.read_csv(index_path, dtype={"person_id": str, "image_id": str}, keep_default_na=False)
-    cache = np.load(cache_path, mmap_mode="r")
+    cache = np.load(cache_path, mmap_mode="c")
     if cache.shape[0] != len(index):
         raise DataError(f"{cache_path} has {cache.shape[0]} rows, {index_path} {len(index)}: rerun preprocess.py")
     if cache.shape[1] != img_size:
@@ -833,7 +834,7 @@ def load_crops(crops_dir, split, img_size):
                     out[i : i + 512] = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
                 out.flush()
                 del out
-        cache = np.load(sized, mmap_mode="r")
+        cache = np.load(sized, mmap_mode="c")
     return index, cache
 
 
@@ -887,7 +888,7 @@ def load_fold(args, fold, env):
     keep = ~is_val & ~index["age"].isin(parse_ages(args.drop_ages)).to_numpy()
     train_rows, val_rows = np.flatnonzero(keep), np.flatnonzero(is_val)
     # the uint8 cache stays a memory map on CPU (shared by processes), moves whole to a GPU
-    images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+    images = torch.from_numpy(cache)
     train_targets = task_targets(index, args.old_age)
     true_targets = task_targets(index, 60)  # scores always on the true bands
     if args.pseudo:  # (the training images and the eval ones, in memory: no longer one shared map)

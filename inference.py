@@ -186,7 +186,7 @@ def main():
 
     # ---- predict the eval set ----
     index, cache = load_crops(args.crops, "eval", img_size)
-    images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+    images = torch.from_numpy(cache)
     rows = torch.arange(len(index))
     per_fold = []
     for name, model, mean, std, _ in models:

@@ -13,7 +13,6 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +40,7 @@ else:
                     img_size=args.img_size)  # fmt: skip
     name, (model, mean, std) = "untrained head", build_model(cfg, {"label": 18}, env)
 index, cache = load_crops(args.crops, "eval", cfg.img_size)
-images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+images = torch.from_numpy(cache)
 rows = torch.arange(min(args.images, len(index)))
 rates = {t: [] for t in ("none", "flip", "flip+shift")}
 for r in range(args.rounds):

@@ -32,7 +32,6 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,7 +69,7 @@ env = machine(device)
 cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
                 lr=1e-3, weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, flip=0.5, color=0.2, ssr=0.08,
                 erase=0.25, old_mixup=0.0)  # fmt: skip
-images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+images = torch.from_numpy(cache)
 if device.type == "cuda":
     images = images.to(device)
 data = Namespace(images=images, targets=task_targets(index), old_pool={})

@@ -59,7 +59,7 @@ def main():
         raise DataError(f"--run {args.run}: no fold*/best.pt of a cross-validation fold inside (train first)")
     models = load_models(args.run, env, ",".join(cv_folds))
     index, cache = load_crops(args.crops, "train", models[0][4].img_size)
-    images = torch.from_numpy(np.lib.format.open_memmap(cache.filename, mode="c"))
+    images = torch.from_numpy(cache)
     fold_of = fold_of_images(index, args.folds)
     labels = task_targets(index, 60)["label"].numpy()  # true bands, as every score
     shared_by = split_class(np.arange(18))[2]
