@@ -732,10 +732,14 @@ def setup(args, script):
         torch.set_num_threads(args.threads)
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local_rank >= torch.cuda.device_count():  # one process per GPU (CUDA_VISIBLE_DEVICES= runs on CPU)
+        n_gpus = torch.cuda.device_count()
+        raise DataError(f"torchrun: process {local_rank} but {n_gpus} GPU(s): --nproc_per_node {n_gpus} at most")
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic

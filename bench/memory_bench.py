@@ -15,6 +15,7 @@ A few steps touch only part of the cache; a whole epoch maps all of it (one copy
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def run(n):
         train = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *train]
     log = work / f"run{n}.log"  # a file, not a pipe: a full pipe would stall the trainer
     with log.open("w") as out:
-        top = psutil.Popen([sys.executable, *train], stdout=out, stderr=subprocess.STDOUT)
+        # on CPU, also where there is a GPU: it is the memory map on the host that is measured
+        cpu_only = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        top = psutil.Popen([sys.executable, *train], stdout=out, stderr=subprocess.STDOUT, env=cpu_only)
     peak = {}  # pid -> max of each figure
     peak_pss_sum = 0.0
     while top.poll() is None:
