@@ -1816,12 +1816,17 @@ class Tracker:
 
 
 def rng_state(gen):
-    return dict(torch=torch.get_rng_state(), gen=gen.get_state())
+    state = dict(torch=torch.get_rng_state(), gen=gen.get_state())
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's own generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state, gen):
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def train_f1(preds, targets, n):
