@@ -14,6 +14,7 @@ Every setting the model needs (backbone, image size, heads) comes from its check
 
 import argparse
 import json
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,11 @@ parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], def
 
 
 # ---- model: rebuilt from each checkpoint's own config ------------------------------
+FoldModel = namedtuple("FoldModel", "name model mean std cfg")  # cfg: the checkpoint's training flags
+
+
 def load_models(run, env, use_folds="all"):
-    """Every fold's best.pt (and foldfull/best.pt) of a run, as (name, model, mean, std, config)."""
+    """Every fold's best.pt (and foldfull/best.pt) of a run, as FoldModels."""
     paths = sorted(Path(run).glob("fold*/best.pt"))
     if use_folds != "all":
         wanted = {f"fold{k.strip()}" for k in use_folds.split(",")}
@@ -91,8 +95,8 @@ def load_models(run, env, use_folds="all"):
             raise DataError(f"{path}: weights do not fit the model its config describes ({str(e)[:150]})") from None
         if not ("label" in head_sizes or set(TASKS) <= set(head_sizes)):
             raise DataError(f"{path}: heads {sorted(head_sizes)} are neither an 18-way head nor mask/gender/age")
-        models.append((path.parent.name, model.eval(), mean, std, cfg))
-    sizes = {m[4].img_size for m in models}
+        models.append(FoldModel(path.parent.name, model.eval(), mean, std, cfg))
+    sizes = {m.cfg.img_size for m in models}
     if len(sizes) > 1:
         raise DataError(f"--run {run}: folds were trained at different image sizes {sorted(sizes)}")
     return models
@@ -124,7 +128,7 @@ def predict_images(paths, models, env, crops_dir, tta):
             settings.update(json.loads(im.text.get("maskcls", "{}")).get("settings", {}))
     detector = face_detector()
     bg = background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
-    size = models[0][4].img_size
+    size = models[0].cfg.img_size
     for path in paths:
         rgb, err = load_rgb(path)
         if err:
@@ -177,8 +181,8 @@ def main():
     keep_freed_memory(env.device)  # batches of 256 without page faults: 2x the images/s on CPU
     run = Path(args.run)
     models = load_models(run, env, args.use_folds)
-    img_size = models[0][4].img_size
-    print(f"{run}: {len(models)} model(s) ({', '.join(m[0] for m in models)}), {models[0][4].backbone} "
+    img_size = models[0].cfg.img_size
+    print(f"{run}: {len(models)} model(s) ({', '.join(m.name for m in models)}), {models[0].cfg.backbone} "
           f"at {img_size} px, tta {args.tta}")  # fmt: skip
     if args.image:
         predict_images(args.image, models, env, args.crops, args.tta)
@@ -215,7 +219,7 @@ def main():
         s = scores(views, true)
         table = per_class_table(views, true)
         print(table.to_string(index=False))
-        save_json(dict(s, tta=args.tta, folds=[m[0] for m in models], per_class=table.to_dict("records")),
+        save_json(dict(s, tta=args.tta, folds=[m.name for m in models], per_class=table.to_dict("records")),
                   run / "scores.json")  # fmt: skip
         plot_confusions(views, true, run / "test_confusion.png", "eval")
         print(score_line(s))

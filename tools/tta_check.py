@@ -58,7 +58,7 @@ def main():
     if not cv_folds:  # (foldfull, the model on every person, has no val images)
         raise DataError(f"--run {args.run}: no fold*/best.pt of a cross-validation fold inside (train first)")
     models = load_models(args.run, env, ",".join(cv_folds))
-    index, cache = load_crops(args.crops, "train", models[0][4].img_size)
+    index, cache = load_crops(args.crops, "train", models[0].cfg.img_size)
     images = torch.from_numpy(cache)
     fold_of = fold_of_images(index, args.folds)
     labels = task_targets(index, 60)["label"].numpy()  # true bands, as every score
