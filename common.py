@@ -731,10 +731,9 @@ def setup(args, script):
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    cuda = torch.cuda.is_available()
+    cuda, n_gpus = torch.cuda.is_available(), torch.cuda.device_count()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda and local_rank >= torch.cuda.device_count():  # one process per GPU (CUDA_VISIBLE_DEVICES= runs on CPU)
-        n_gpus = torch.cuda.device_count()
+    if cuda and local_rank >= n_gpus:  # one process per GPU (CUDA_VISIBLE_DEVICES= runs on CPU)
         raise DataError(f"torchrun: process {local_rank} but {n_gpus} GPU(s): --nproc_per_node {n_gpus} at most")
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
