@@ -524,7 +524,7 @@ def background_remover(model="u2netp", size=192, threads=1):
 
 
 def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128, min_conf=0.9, bg_context=0.25):
-    """One photo -> (crop size x size x 3 uint8, info dict with face_found, face_conf, box).
+    """One photo -> (crop size x size x 3 uint8, info dict with face_found, face_conf, box, bg_replaced).
 
     The segmenter sees the crop with `bg_context` of its side added around it (real pixels
     where the photo has them): given only a tight face crop, u2netp takes the mask for the
@@ -543,6 +543,7 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
         a = a[..., :1].astype(np.float32) / 255
         crop = (crop * a + np.array(NEUTRAL, np.float32) * (1 - a)).round().astype(np.uint8)
     info = dict(face_found=bool(found), face_conf=round(conf, 4), box=" ".join(str(int(round(v))) for v in box))
+    info["bg_replaced"] = round(float((a < 0.5).mean()), 4) if bg_alpha is not None else 0.0  # share of the crop
     return crop, info
 
 

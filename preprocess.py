@@ -8,7 +8,7 @@ background by a neutral colour, and the crop is saved as a PNG that records its 
 
     WORK/crops/train/<person_id>/<shot>.png, WORK/crops/eval/<name>.png   the crops
     WORK/crops/train_u8.npy, eval_u8.npy    packed uint8 (N, size, size, 3), rows in index order
-    WORK/crops/train.csv, eval.csv          index: image_id, person_id, file, labels, face_found, box
+    WORK/crops/train.csv, eval.csv          index: image_id, person_id, file, labels, face_found, box, bg_replaced
     WORK/crops/report.csv                   every bad file, row and folder, and what was done with it
     WORK/crops/preview.png                  with --preview N: originals beside their crops
 
@@ -175,6 +175,7 @@ def crop_split(split, table, out, settings, pool, problems):
     table["face_found"] = [bool(i.get("face_found")) for i in info]
     table["face_conf"] = [i.get("face_conf", 0.0) for i in info]
     table["box"] = [i.get("box", "") for i in info]
+    table["bg_replaced"] = [i.get("bg_replaced", 0.0) for i in info]
     if split == "eval":
         table["bad"] = [bool(i.get("bad")) for i in info]
     return table
@@ -243,6 +244,11 @@ def main():
             index = crop_split(split, table, out, settings, pool, problems)
             found = index["face_found"].mean() if len(index) else 0
             print(f"{split}: faces found in {found:.1%}; {(~index['face_found']).sum()} fallback crops")
+            if args.bg == "rembg" and len(index):
+                # photos already framed at the face (UTKFace's): u2netp keeps the whole frame, its time buys nothing
+                replaced = index["bg_replaced"].mean()
+                hint = " (under 1%: --bg none makes the same crops in a tenth of the time)" if replaced < 0.01 else ""
+                print(f"{split}: background replaced in {replaced:.1%} of the crop area on average{hint}")
             save_csv(index, out / f"{split}.csv")
             tables[split] = index
     finally:

@@ -1,6 +1,7 @@
 """preprocess.py: real MTCNN and real rembg on a real face, the packed cache, resuming, bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,16 +10,16 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, SHOTS, image_array, last_line, make_layout, run
+from conftest import BENCH, REPO, SHOTS, image_array, last_line, make_layout, needs_bench, run
 from PIL import Image
 from skimage import data as skdata
 
 from common import NEUTRAL, face_detector
 
 
-def astronaut_layout(root):
-    """skimage's astronaut photo placed into the competition layout (train and eval)."""
-    photo = Image.fromarray(skdata.astronaut())
+def astronaut_layout(root, frame=(0, 0, 512, 512)):
+    """skimage's astronaut photo (its `frame` box) placed into the competition layout (train and eval)."""
+    photo = Image.fromarray(skdata.astronaut()).crop(frame)
     folder = root / "train" / "images" / "000001_female_White_47"
     folder.mkdir(parents=True)
     for shot in SHOTS:
@@ -37,8 +38,10 @@ def is_neutral(pixels, tol=8):
 
 def test_real_face_is_found_cropped_and_its_background_replaced(tmp_path):
     root = astronaut_layout(tmp_path / "data")
-    run("preprocess.py", "--data", root, "--out", tmp_path / "crops", "--workers", 1, "--size", 160)
-    run("preprocess.py", "--data", root, "--out", tmp_path / "raw", "--workers", 1, "--size", 160, "--bg", "none")
+    proc = run("preprocess.py", "--data", root, "--out", tmp_path / "crops", "--workers", 1, "--size", 160)
+    raw_proc = run(
+        "preprocess.py", "--data", root, "--out", tmp_path / "raw", "--workers", 1, "--size", 160, "--bg", "none"
+    )
     index = pd.read_csv(tmp_path / "crops" / "eval.csv")
     assert index.loc[0, "face_found"] and index.loc[0, "face_conf"] > 0.99
     x0, y0, x1, y1 = map(int, index.loc[0, "box"].split())
@@ -59,6 +62,27 @@ def test_real_face_is_found_cropped_and_its_background_replaced(tmp_path):
     face = (slice(int(by0) + 10, int(by1) - 10), slice(int(bx0) + 10, int(bx1) - 10))
     assert not is_neutral(crop[face]).any()
     assert np.abs(crop[face].astype(int) - raw[face]).mean() < 3
+    # the index says how much was replaced: the neutral share of the crop (the raw photo has next to none)
+    replaced = index.loc[0, "bg_replaced"]
+    assert 0.1 < replaced < 0.7 and abs(replaced - is_neutral(crop).mean()) < 0.05
+    assert "eval: background replaced in" in proc.stdout and "--bg none makes" not in proc.stdout
+    assert pd.read_csv(tmp_path / "raw" / "eval.csv").loc[0, "bg_replaced"] == 0
+    assert "background replaced" not in raw_proc.stdout
+
+
+@needs_bench
+def test_photos_framed_at_the_face_get_the_hint_that_rembg_does_nothing(tmp_path):
+    # UTKFace's aligned crops (the bench set) are framed at the face: u2netp keeps the whole frame
+    person = pd.read_csv(BENCH / "train" / "train.csv", dtype=str).iloc[:1]
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    person.to_csv(root / "train" / "train.csv", index=False)
+    folder = person.loc[0, "path"]
+    shutil.copytree(BENCH / "train" / "images" / folder, root / "train" / "images" / folder)
+    proc = run("preprocess.py", "--data", root, "--out", tmp_path / "crops", "--workers", 1, "--splits", "train")
+    index = pd.read_csv(tmp_path / "crops" / "train.csv")
+    assert len(index) == 7 and index["bg_replaced"].max() < 0.01
+    assert "train: background replaced in 0." in proc.stdout and "--bg none makes the same crops" in proc.stdout
 
 
 def test_demo_data_end_to_end_with_workers(demo_data, tmp_path):
