@@ -17,9 +17,9 @@ from skimage import data as skdata
 from common import NEUTRAL, face_detector
 
 
-def astronaut_layout(root, frame=(0, 0, 512, 512)):
-    """skimage's astronaut photo (its `frame` box) placed into the competition layout (train and eval)."""
-    photo = Image.fromarray(skdata.astronaut()).crop(frame)
+def astronaut_layout(root):
+    """skimage's astronaut photo placed into the competition layout (train and eval)."""
+    photo = Image.fromarray(skdata.astronaut())
     folder = root / "train" / "images" / "000001_female_White_47"
     folder.mkdir(parents=True)
     for shot in SHOTS:
