@@ -15,8 +15,8 @@ background by a neutral colour, and the crop is saved as a PNG that records its 
 Parallel over --workers processes; a rerun after an interruption keeps the finished crops.
 2-core CPU: the 11,200 images of the utkmask bench in about 13 minutes on an Intel one (AMX), 30 on an AMD
 EPYC (AVX2), where u2netp takes 90 % of the time (208 ms per image on one core; bench/preprocess_bench.py).
-Those photos are framed at the face, and u2netp keeps the whole frame (0.1 % of each crop replaced, the
-bg_replaced column): --bg none makes the same crops in 4 minutes there, and says so at the end of a run.
+Those photos are framed at the face and u2netp keeps the whole frame (0.1 % of each crop replaced): --bg none
+makes the same crops in 4 minutes there. A run prints the share replaced (column bg_replaced) and, under 1 %, that hint.
 """
 
 import argparse
