@@ -534,6 +534,7 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
     found = face is not None and conf >= min_conf
     box = face_square(face, w, h, margin) if found else fallback_square(w, h)
     crop = crop_square(rgb, box, size)
+    replaced = 0.0  # share of the crop the segmenter replaced
     if bg_alpha is not None:
         pad = bg_context * (box[2] - box[0])
         context = crop_square(rgb, box + np.array([-pad, -pad, pad, pad]), bg_alpha.size)
@@ -542,9 +543,9 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
         a = crop_square(a[..., None].repeat(3, -1), [inner, inner, bg_alpha.size - inner, bg_alpha.size - inner], size)
         a = a[..., :1].astype(np.float32) / 255
         crop = (crop * a + np.array(NEUTRAL, np.float32) * (1 - a)).round().astype(np.uint8)
-    info = dict(face_found=bool(found), face_conf=round(conf, 4), box=" ".join(str(int(round(v))) for v in box))
-    info["bg_replaced"] = round(float((a < 0.5).mean()), 4) if bg_alpha is not None else 0.0  # share of the crop
-    return crop, info
+        replaced = float((a < 0.5).mean())
+    box_text = " ".join(str(int(round(v))) for v in box)
+    return crop, dict(face_found=bool(found), face_conf=round(conf, 4), box=box_text, bg_replaced=round(replaced, 4))
 
 
 # ---- atomic writes ---------------------------------------------------------------
