@@ -59,7 +59,7 @@ parser.add_argument("--tta", choices=["none", "flip", "flip+shift"], default="fl
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans (extra columns allowed): score against it")
 parser.add_argument("--image", nargs="+", default=None, help="predict these photos instead of the eval set")
 parser.add_argument("--embed", action="store_true", help="t-SNE plot of penultimate features (RUN/embed.png)")
-parser.add_argument("--use-folds", default="all", help="folds to average, e.g. 0,1 or 0,1,2,3,4,full (default: all)")
+parser.add_argument("--use-folds", default="all", help="folds to average: all, cv (not full), or e.g. 0,1,2,3,4,full")
 parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
 
@@ -69,13 +69,17 @@ FoldModel = namedtuple("FoldModel", "name model mean std cfg")  # cfg: the check
 
 
 def load_models(run, env, use_folds="all"):
-    """Every fold's best.pt (and foldfull/best.pt) of a run, as FoldModels."""
+    """A run's fold*/best.pt as FoldModels. use_folds: all, cv (the cross-validation folds, which have
+    val images: not foldfull, the model on every person) or names such as 0,1,full."""
     paths = sorted(Path(run).glob("fold*/best.pt"))
-    if use_folds != "all":
+    if use_folds == "cv":
+        paths = [p for p in paths if p.parent.name != "foldfull"]
+    elif use_folds != "all":
         wanted = {f"fold{k.strip()}" for k in use_folds.split(",")}
         paths = [p for p in paths if p.parent.name in wanted]
     if not paths:
-        raise DataError(f"--run {run}: no fold*/best.pt inside (train first)")
+        which = "of a cross-validation fold " if use_folds == "cv" else ""
+        raise DataError(f"--run {run}: no fold*/best.pt {which}inside (train first)")
     models = []
     for path in paths:
         state = load_checkpoint(path)

@@ -54,10 +54,7 @@ def main():
     args = parser.parse_args()
     env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     keep_freed_memory(env.device)
-    cv_folds = sorted(p.parent.name.removeprefix("fold") for p in Path(args.run).glob("fold[0-9]*/best.pt"))
-    if not cv_folds:  # (foldfull, the model on every person, has no val images)
-        raise DataError(f"--run {args.run}: no fold*/best.pt of a cross-validation fold inside (train first)")
-    models = load_models(args.run, env, ",".join(cv_folds))
+    models = load_models(args.run, env, "cv")  # foldfull, the model on every person, has no val images
     index, cache = load_crops(args.crops, "train", models[0].cfg.img_size)
     images = torch.from_numpy(cache)
     fold_of = fold_of_images(index, args.folds)
