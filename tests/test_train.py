@@ -336,18 +336,18 @@ def test_keep_freed_memory_spares_the_page_faults_of_a_large_allocation_made_aga
         for _ in range(5):  # the heap settles after a few (alignment splits the first free blocks)
             step()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
+        for _ in range(10):
             step()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
     faults = {}
     for way in ("default", "keep"):
         proc = subprocess.run([sys.executable, "-c", code, way], cwd=REPO, capture_output=True, text=True, check=True)
         faults[way] = int(proc.stdout.split()[-1])
-    if faults["default"] < 5 * (64 << 20) / 4096 / 10:
+    if faults["default"] < 10 * (64 << 20) / 4096 / 10:
         pytest.skip(f"this kernel maps such blocks with huge pages: {faults}")
-    # without it every step faults its 64 MB in again; with it none should, but a kernel reclaim can take back one
-    # step's worth (seen once in a full local run: 16384 against 81925)
-    assert faults["keep"] < faults["default"] / 4, faults
+    # without it every step faults its 64 MB in again; with it none should, but a kernel reclaim can take back a
+    # step's worth now and then (full local runs: 16384 and 32768 against 81925 over 5 steps), so 10 steps, and a third
+    assert faults["keep"] < faults["default"] / 3, faults
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
