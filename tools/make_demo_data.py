@@ -6,9 +6,11 @@ Writes OUT/train/{train.csv,images/<id>_<gender>_<race>_<age>/<shot>.<ext>} and
 OUT/eval/{info.csv,answers.csv,images/<sha1>.jpg}. Each person is a drawn face whose
 cues a model can learn: hair length and lip colour follow gender; grey hair and wrinkles
 grow with age; a mask covers nose and mouth (wear), mouth and chin only (incorrect) or
-nothing (not wear). Shots of one person differ by shift, scale, rotation, light and mask
-colour. Like real copies of the data, the folders also hold junk (`._mask1.jpg`,
-`.DS_Store`, a hidden folder) and mixed extensions. Seconds on any machine.
+nothing (not wear), in one of two styles drawn at random (a plain rounded rectangle on ear
+loops, or a striped cup on a head strap), so the state is learnt from where the mask sits.
+Shots of one person differ by shift, scale, rotation, light, mask style and colour. Like
+real copies of the data, the folders also hold junk (`._mask1.jpg`, `.DS_Store`, a hidden
+folder) and mixed extensions. Seconds on any machine.
 """
 
 import argparse
@@ -78,16 +80,30 @@ def draw_shot(p, mask_state, rng):
             for sx in (-1, 1):
                 ex = cx + sx * fw // 5
                 d.arc([ex - 9, ey + 2 + 3 * (i - 3), ex + 9, ey + 10 + 3 * (i - 3)], 20, 160, fill=line, width=1)
-    # the mask
+    # the mask, in one of two styles: what tells the states apart is where it sits, not how it looks
     colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+    cup = rng.random() < 0.5
     if mask_state == 0:  # nose bridge to under the chin
         top, bottom = ey + 8, cy + fh // 2 + 4
     elif mask_state == 1:  # nose out, or pulled down to the chin
         top, bottom = (cy + 20, cy + fh // 2 + 4) if rng.random() < 0.6 else (cy + 38, cy + fh // 2 + 10)
-    if mask_state in (0, 1):
+    if mask_state in (0, 1) and not cup:  # flat: a plain rounded rectangle on ear loops
         d.rounded_rectangle([cx - fw // 2 + 2, top, cx + fw // 2 - 2, bottom], 14, fill=colour)
         d.line([cx - fw // 2 + 2, top + 6, cx - fw // 2 - 6, ey], fill=(230, 230, 230), width=2)
         d.line([cx + fw // 2 - 2, top + 6, cx + fw // 2 + 6, ey], fill=(230, 230, 230), width=2)
+    elif mask_state in (0, 1):  # cup: a striped oval, pointed at the chin, on a strap round the head
+        box = [cx - fw // 2 - 2, top - 4, cx + fw // 2 + 2, bottom + 8]
+        shape = Image.new("L", bg.size, 0)
+        ImageDraw.Draw(shape).ellipse(box, fill=255)
+        ImageDraw.Draw(shape).polygon([(cx - fw // 3, bottom - 6), (cx, bottom + 14), (cx + fw // 3, bottom - 6)], 255)
+        cloth = Image.new("RGB", bg.size, colour)
+        ink = tuple(255 - c for c in colour)
+        step = int(rng.integers(5, 9))
+        for k in range(-W, W + H, step):  # diagonal stripes
+            ImageDraw.Draw(cloth).line([(k, 0), (k + H, H)], fill=ink, width=2)
+        bg.paste(cloth, (0, 0), shape)
+        d.line([box[0] - 12, top + 10, box[0] + 4, top + 10], fill=(40, 40, 40), width=3)
+        d.line([box[2] - 4, top + 10, box[2] + 12, top + 10], fill=(40, 40, 40), width=3)
     # per-shot jitter: shift, scale, rotation, light, blur, noise
     angle, scale = rng.uniform(-6, 6), rng.uniform(0.92, 1.08)
     dx, dy = rng.integers(-8, 9, 2)
