@@ -19,12 +19,13 @@ never uses a client's file name. Other users of the same machine can still reach
 """
 
 import argparse
+import asyncio
 import base64
 import io
 import json
 import socket
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,7 +47,6 @@ from common import (
     class_name,
     crop_square,
     face_detector,
-    keep_freed_memory,
     load_logprobs,
     load_rgb,
     logprob_views,
@@ -84,6 +84,8 @@ parser.add_argument("--relabel", default=str(HERE / "relabel.csv"), help="fixes 
                     "head the draft, so the draft can replace them), or none")  # fmt: skip
 parser.add_argument("--draft", default=None, help="relabel draft the audit page writes (default RUN/relabel_draft.csv)")
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+parser.add_argument("--threads", type=positive_int, default=1, help="torch threads: one photo gains little from "
+                    "more, and on a busy machine threads waiting on each other cost 10x (measured)")  # fmt: skip
 
 
 # ---- the run: models, face detector and background remover, loaded once ---------------------
@@ -104,7 +106,9 @@ def crop_settings(crops_dir):
 
 def load_state(args, run, crops, env):
     """Everything a request needs, built once: models, detector, segmenter, the audit and its draft."""
-    state = argparse.Namespace(args=args, run=run, crops=crops, env=env, lock=threading.Lock())
+    # one thread runs every photo, in turn: the models' cores are the CPU's, more threads would only share them
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # (torch's thread count carries over)
+    state = argparse.Namespace(args=args, run=run, crops=crops, env=env, worker=worker)
     state.models = load_models(run, env, args.use_folds)
     state.img_size = state.models[0].cfg.img_size
     state.settings, made = crop_settings(crops)
@@ -182,25 +186,24 @@ def png_url(rgb):
 
 
 def predict_photo(state, data):
-    """One upload -> the page's answer (a JSON-able dict). Runs under the state's lock: one photo at a time
-    on the CPU's cores (and one decoded photo in memory), and captum's hooks on a model must not meet another
-    request's forward."""
+    """One upload -> the page's answer (a JSON-able dict). Runs on the one model thread (state.worker): one photo
+    at a time on the CPU's cores and in memory, captum's hooks never meet another request's forward, and the
+    memory the steps free stays in that thread's malloc arena for the next photo (RSS flat, bench/serve_bench.py)."""
     s, env = state.settings, state.env
-    with state.lock:
-        rgb = decode(data, state.args.max_megapixels * 1e6)
-        t0 = time.perf_counter()
-        crop, info = prepare_face(rgb, state.detector, state.bg, s["size"], s["margin"], s["detect_size"],
-                                  s["min_conf"], s["bg_context"])  # fmt: skip
-        small = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), state.img_size)  # as inference.py --image
-        t1 = time.perf_counter()
-        images = torch.from_numpy(small[None].copy())
-        views = average([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
-                         for m in state.models])  # fmt: skip
-        p = {k: np.exp(v[0]) for k, v in views.items()}
-        cls = int(p["label"].argmax())
-        t2 = time.perf_counter()
-        cam = grad_cam(state.models, small, cls, env)
-        t3 = time.perf_counter()
+    rgb = decode(data, state.args.max_megapixels * 1e6)
+    t0 = time.perf_counter()
+    crop, info = prepare_face(rgb, state.detector, state.bg, s["size"], s["margin"], s["detect_size"],
+                              s["min_conf"], s["bg_context"])  # fmt: skip
+    small = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), state.img_size)  # as inference.py --image
+    t1 = time.perf_counter()
+    images = torch.from_numpy(small[None].copy())
+    views = average([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
+                     for m in state.models])  # fmt: skip
+    p = {k: np.exp(v[0]) for k, v in views.items()}
+    cls = int(p["label"].argmax())
+    t2 = time.perf_counter()
+    cam = grad_cam(state.models, small, cls, env)
+    t3 = time.perf_counter()
     note = "" if info["face_found"] else (
         "No face found: this is the fallback crop (the whole photo if about square, else its upper centre), "
         "so the answer is a guess. A photo with the face large and upright works best.")  # fmt: skip
@@ -376,7 +379,6 @@ def make_app(state):
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="maskcls", docs_url=None, redoc_url=None, openapi_url=None)
@@ -439,7 +441,7 @@ def make_app(state):
                 return error(413, f"the file is over the limit of {limit / 2**20:.0f} MB")
         if not body:
             return error(400, "empty upload: choose a photo")
-        return await run_in_threadpool(predict_photo, state, bytes(body))
+        return await asyncio.get_running_loop().run_in_executor(state.worker, predict_photo, state, bytes(body))
 
     @app.get("/api/audit")
     async def audit():
@@ -496,8 +498,8 @@ def main():
     sock = listen(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: anyone who reaches this address can upload photos and read the audit")
+    torch.set_num_threads(args.threads)
     env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
-    keep_freed_memory(env.device)  # the same working memory for every photo: RSS stays flat
     state = load_state(args, run, Path(crops), env)
     names = ", ".join(m.name for m in state.models)
     print(f"{run}: {len(state.models)} model(s) ({names}), {state.models[0].cfg.backbone} at {state.img_size} px, "
@@ -507,7 +509,7 @@ def main():
     except ImportError:
         raise DataError("the heat map needs captum: pip install -r requirements.txt") from None
     blank = png_bytes(np.full((64, 64, 3), NEUTRAL, np.uint8))
-    predict_photo(state, blank)
+    state.worker.submit(predict_photo, state, blank).result()
 
     import uvicorn
 

@@ -14,6 +14,7 @@ round adds nothing). Exit code 1 if any request failed.
 import argparse
 import http.client
 import io
+import json
 import re
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--run", required=True, help="a trained run")
 parser.add_argument("--crops", default=None, help="serve.py --crops (default: the run's)")
 parser.add_argument("--tta", default="flip", help="serve.py --tta")
+parser.add_argument("--threads", default="1", help="serve.py --threads")
 parser.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients, one setting each")
 parser.add_argument("--requests", type=int, default=40, help="requests per setting and round (after 3 to warm up)")
 parser.add_argument("--rounds", type=int, default=2, help="every setting again: the server's memory after each round")
@@ -52,7 +54,8 @@ def photo():
 
 
 def start_server(log):
-    cmd = [sys.executable, str(HERE.parent / "serve.py"), "--run", args.run, "--port", "0", "--tta", args.tta]
+    cmd = [sys.executable, str(HERE.parent / "serve.py"), "--run", args.run, "--port", "0"]
+    cmd += ["--tta", args.tta, "--threads", args.threads]
     cmd += ["--crops", args.crops] if args.crops else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
@@ -82,6 +85,8 @@ def load(port, body, clients, n, deadline):
                 response = conn.getresponse()
                 answer = response.read()
                 ok = response.status == 200 and b'"answer"' in answer
+                if ok:
+                    stages.append(json.loads(answer)["seconds"])
             except OSError as e:
                 ok, answer = False, str(e).encode()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -103,6 +108,7 @@ def rss_mb(proc):
 
 
 body = photo()
+stages = []  # the server's own time per step of each answer
 with tempfile.NamedTemporaryFile("w+", prefix="serve_bench_", suffix=".log") as log:
     proc, port = start_server(log)
     try:
@@ -126,7 +132,8 @@ with tempfile.NamedTemporaryFile("w+", prefix="serve_bench_", suffix=".log") as 
         proc.wait(30)
 
 n_models, names, backbone, size = info
-print(f"\n{args.run}: {n_models} model(s) ({names}), {backbone} at {size} px, tta {args.tta}; photo 512x512 JPEG")
+print(f"\n{args.run}: {n_models} model(s) ({names}), {backbone} at {size} px, tta {args.tta}, "
+      f"{args.threads} thread(s); photo 512x512 JPEG")  # fmt: skip
 rows = []
 for clients, (latencies, failures, wall) in runs.items():
     p50 = statistics.median(latencies) if latencies else float("nan")
@@ -135,10 +142,12 @@ for clients, (latencies, failures, wall) in runs.items():
 print(f"{'clients':>7} {'answered':>8} {'failed':>6} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7}")
 for clients, done, bad, rps, p50, p95 in rows:
     print(f"{clients:>7} {done:>8} {bad:>6} {rps:>6.2f} {1000 * p50:>7.0f} {1000 * p95:>7.0f}")
+step_ms = {k: 1000 * statistics.median(s[k] for s in stages) for k in stages[0]} if stages else {}
+print("server's median per photo: " + ", ".join(f"{k} {v:.0f} ms" for k, v in step_ms.items()))
 print("server RSS: " + ", ".join(f"{what} {mb:.0f} MB" for what, mb in memory))
 for reason in sorted(set(failed)):
     print(f"failed {failed.count(reason)}x: {reason.decode(errors='replace')}")
-what = f"serve.py predict ({backbone} {size} px x{n_models}, tta {args.tta})"
+what = f"serve.py predict ({backbone} {size} px x{n_models}, tta {args.tta}, {args.threads} thread(s))"
 bench_rows(args.table, [
     *((f"{what}, {c} client(s)", f"{rps:.2f} req/s, p95 {1000 * p95:.0f} ms, {bad} failed")
       for c, _, bad, rps, _, p95 in rows),
