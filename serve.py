@@ -131,6 +131,8 @@ def decode(data, max_pixels):
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+    except Image.DecompressionBombError as e:  # PIL's own limit, over twice its 89 megapixels
+        raise DataError(f"{str(e).split(',')[0]}: the limit is {max_pixels / 1e6:.0f} megapixels") from None
     except Exception as e:  # PIL raises many types for what is not an image
         raise DataError(f"not an image this page can read ({type(e).__name__}): send a JPEG or PNG photo") from None
     if w * h > max_pixels:
@@ -383,7 +385,9 @@ def make_app(state):
 
     app = FastAPI(title="maskcls", docs_url=None, redoc_url=None, openapi_url=None)
     # a page elsewhere that renames itself 127.0.0.1 (DNS rebinding) cannot read these pages: Host is checked
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", state.args.host])
+    # (--host 0.0.0.0 opens them to any name the machine has: the user asked for the network)
+    names = ["*"] if state.args.host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "[::1]", state.args.host]
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=names)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def error(status, text):
@@ -406,10 +410,7 @@ def make_app(state):
         return error(400, str(e))
 
     @app.exception_handler(Exception)
-    async def server_error(request, e):
-        import traceback
-
-        traceback.print_exc()
+    async def server_error(request, e):  # (uvicorn logs the traceback)
         return error(500, f"the server failed on this request ({type(e).__name__}: {str(e)[:120]}); it keeps serving")
 
     @app.get("/")
