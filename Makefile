@@ -1,6 +1,7 @@
 # maskcls: each target is one visible `python script.py ...` line; the variables hold what users change.
 #   make demo                   set up, draw a small demo data set, run the whole pipeline on it
 #   make test                   set up, lint, run the test suite (what CI runs)
+#   make test-fast              set up, lint, the tests that train nothing (a few minutes: the edit-run loop)
 #   make all DATA=path/to/data  the whole pipeline: crops -> folds -> models x folds -> inference -> ensemble
 #   make -j2 all ...            independent folds and models side by side
 #   make -n all ...             the plan, without running it
@@ -87,11 +88,11 @@ space := $(empty) $(empty)
 # the models inference averages: the folds', and with FULL=1 the one trained on every person
 MODEL_FOLDS := $(FOLDS) $(if $(filter 1,$(FULL)),full)
 
-.PHONY: help install test lint demo all bench clean
+.PHONY: help install test test-fast lint demo all bench clean
 .DELETE_ON_ERROR:
 
 help:
-	@sed -n '2,8p' Makefile
+	@sed -n '2,9p' Makefile
 	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) (cpu|gpu|demo) MODELS='$(MODELS)' SEEDS='$(SEEDS)' PSEUDO=$(PSEUDO) FULL=$(FULL) FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS) ENSEMBLE_FLAGS='$(ENSEMBLE_FLAGS)'"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
@@ -113,6 +114,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not trains"
 
 # Each stage's flags are recorded in a file while make reads this Makefile, rewritten only when they change,
 # so the file's date says when they last changed: change one model's flags and only that model retrains.
@@ -145,7 +149,7 @@ else
 endif
 endif
 endef
-ifneq ($(filter-out help install lint test clean demo bench,$(or $(MAKECMDGOALS),help)),)
+ifneq ($(filter-out help install lint test test-fast clean demo bench,$(or $(MAKECMDGOALS),help)),)
 $(eval $(call record,$(WORK)/preprocess_flags.txt,$(prep_flags)))
 $(foreach m,$(MODELS),$(foreach s,$(SEEDS),\
 	$(eval $(call record,$(WORK)/runs/$(call run_of,$(m),$(s))/flags.txt,$(call run_flags,$(m),$(s))))))

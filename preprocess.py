@@ -28,20 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (
-    NEUTRAL,
-    DataError,
-    atomic_path,
-    background_remover,
-    face_detector,
-    load_rgb,
-    positive_int,
-    prepare_face,
-    read_eval,
-    read_train,
-    run_main,
-    save_csv,
-)
+from common import InputError, atomic_path, positive_int, run_main, save_csv
+from faces import NEUTRAL, background_remover, face_detector, load_rgb, prepare_face
+from rawdata import read_eval, read_train
 
 HERE = Path(__file__).resolve().parent
 
@@ -213,7 +202,7 @@ def main():
     settings = {k: getattr(args, k) for k in CROP_SETTINGS}
     relabel = None if args.relabel == "none" else args.relabel
     if relabel and not Path(relabel).is_file():
-        raise DataError(f"--relabel {relabel}: file not found")
+        raise InputError(f"--relabel {relabel}: file not found")
     if args.bg == "rembg":
         background_remover(args.bg_model, args.bg_size)  # fails here, once, on a missing model
     out.mkdir(parents=True, exist_ok=True)

@@ -34,34 +34,24 @@ import numpy as np
 import pandas as pd
 import torch
 
+from batches import standardise, to_float
 from common import (
     AGE_BANDS,
     GENDERS,
     MASK_STATES,
-    NEUTRAL,
     SHOTS,
-    DataError,
-    Problems,
+    InputError,
     age_band,
-    background_remover,
     class_name,
-    crop_square,
-    face_detector,
-    load_logprobs,
-    load_rgb,
-    logprob_views,
-    machine,
+    make_env,
     positive_int,
-    predict,
-    prepare_face,
-    read_csv_text,
-    require_columns,
     run_main,
     save_csv,
-    standardise,
-    to_float,
 )
-from inference import average, load_models
+from faces import NEUTRAL, background_remover, crop_square, face_detector, load_rgb, prepare_face
+from model import average_views, load_models, logprob_views, predict
+from rawdata import Problems, read_csv_text, require_columns
+from scores import load_logprobs
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -132,15 +122,15 @@ def decode(data, max_pixels):
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
     except Image.DecompressionBombError as e:  # PIL's own limit, over twice its 89 megapixels
-        raise DataError(f"{str(e).split(',')[0]}: the limit is {max_pixels / 1e6:.0f} megapixels") from None
+        raise InputError(f"{str(e).split(',')[0]}: the limit is {max_pixels / 1e6:.0f} megapixels") from None
     except Exception as e:  # PIL raises many types for what is not an image
-        raise DataError(f"not an image this page can read ({type(e).__name__}): send a JPEG or PNG photo") from None
+        raise InputError(f"not an image this page can read ({type(e).__name__}): send a JPEG or PNG photo") from None
     if w * h > max_pixels:
-        raise DataError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels): the limit is "
+        raise InputError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels): the limit is "
                         f"{max_pixels / 1e6:.0f}; send a smaller copy")  # fmt: skip
     rgb, err = load_rgb(io.BytesIO(data))
     if err:
-        raise DataError(f"not an image this page can read: {err}")
+        raise InputError(f"not an image this page can read: {err}")
     return rgb
 
 
@@ -199,7 +189,7 @@ def predict_photo(state, data):
     small = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), state.img_size)  # as inference.py --image
     t1 = time.perf_counter()
     images = torch.from_numpy(small[None].copy())
-    views = average([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
+    views = average_views([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
                      for m in state.models])  # fmt: skip
     p = {k: np.exp(v[0]) for k, v in views.items()}
     cls = int(p["label"].argmax())
@@ -360,7 +350,7 @@ def fix_row(audit, fix):
     names a person, a field and a new value; `old` comes from the labels the crops hold."""
     person = audit.by_person.get(str(fix.get("person_id", "")))
     if person is None:
-        raise DataError("unknown person")
+        raise InputError("unknown person")
     field, new, old = fix.get("field"), str(fix.get("new", "")), str(fix.get("old", ""))
     proposal = next((f for f in person["fixes"] if f["field"] == field), None)
     if field == "gender" and new in GENDERS and new != person["gender"]:
@@ -370,7 +360,7 @@ def fix_row(audit, fix):
     elif field == "swap" and {old, new} <= {t["shot"] for t in person["shots"]} and old != new:
         pass
     else:
-        raise DataError(f"not a fix: {field} {old!r} -> {new!r}")
+        raise InputError(f"not a fix: {field} {old!r} -> {new!r}")
     why = proposal["why"] if proposal and (proposal["old"], proposal["new"]) == (old, new) else "marked by eye"
     note = f"serve.py audit of {audit.run_name}: {why}".replace(",", ";")  # no commas: the file stays plain
     return dict(id=person["person_id"], field=field, old=old, new=new, note=note)
@@ -405,7 +395,7 @@ def make_app(state):
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    @app.exception_handler(DataError)
+    @app.exception_handler(InputError)
     async def user_error(request, e):
         return error(400, str(e))
 
@@ -480,7 +470,7 @@ def listen(host, port):
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise DataError(f"--host {host} --port {port}: cannot listen ({e.strerror}); try another --port") from None
+        raise InputError(f"--host {host} --port {port}: cannot listen ({e.strerror}); try another --port") from None
     sock.listen(128)
     return sock
 
@@ -489,9 +479,9 @@ def main():
     args = parser.parse_args()
     run = Path(args.run)
     if not run.is_dir():
-        raise DataError(f"--run {run}: no such folder (a train_*.py script writes it with --out)")
+        raise InputError(f"--run {run}: no such folder (a train_*.py script writes it with --out)")
     if not STATIC.is_dir():
-        raise DataError(f"{STATIC}: not found (it comes with serve.py)")
+        raise InputError(f"{STATIC}: not found (it comes with serve.py)")
     crops = args.crops
     if crops is None:
         config = run / "config.json"
@@ -500,7 +490,7 @@ def main():
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: anyone who reaches this address can upload photos and read the audit")
     torch.set_num_threads(args.threads)
-    env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
+    env = make_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
     state = load_state(args, run, Path(crops), env)
     names = ", ".join(m.name for m in state.models)
     print(f"{run}: {len(state.models)} model(s) ({names}), {state.models[0].cfg.backbone} at {state.img_size} px, "
@@ -508,7 +498,7 @@ def main():
     try:  # one photo through every step now: a missing package or model fails here, not on the first upload
         import captum  # noqa: F401
     except ImportError:
-        raise DataError("the heat map needs captum: pip install -r requirements.txt") from None
+        raise InputError("the heat map needs captum: pip install -r requirements.txt") from None
     blank = png_bytes(np.full((64, 64, 3), NEUTRAL, np.uint8))
     state.worker.submit(predict_photo, state, blank).result()
 

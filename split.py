@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from common import AGE_BANDS, GENDERS, MASK_STATES, DataError, class_name, run_main, save_csv, save_figure, save_text
+from common import AGE_BANDS, GENDERS, MASK_STATES, InputError, class_name, run_main, save_csv, save_figure, save_text
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,13 +83,13 @@ def main():
     args = parser.parse_args()
     index = Path(args.crops) / "train.csv"
     if not index.is_file():
-        raise DataError(f"{index}: not found (run preprocess.py first)")
+        raise InputError(f"{index}: not found (run preprocess.py first)")
     images = pd.read_csv(index, dtype={"person_id": str, "image_id": str})
     if args.folds < 2:
-        raise DataError(f"--folds {args.folds}: need at least 2")
+        raise InputError(f"--folds {args.folds}: need at least 2")
     persons = person_table(images)
     if len(persons) < args.folds:
-        raise DataError(f"--folds {args.folds}: only {len(persons)} persons in {index}")
+        raise InputError(f"--folds {args.folds}: only {len(persons)} persons in {index}")
 
     folds = make_folds(persons, args.folds, args.seed)
     out = Path(args.out)

@@ -19,17 +19,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import (  # noqa: E402
-    TASKS,
-    backward_step,
-    bench_rows,
-    build_model,
-    machine,
-    make_loss,
-    make_optimizer,
-    param_groups,
-    versus,
-)
+from table import bench_rows, versus  # noqa: E402
+
+from common import TASKS, make_env  # noqa: E402
+from engine import make_optimizer, param_groups  # noqa: E402
+from losses import make_loss  # noqa: E402
+from model import build_model  # noqa: E402
 from train_coord import coord_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +37,7 @@ parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 args = parser.parse_args()
 
-env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+env = make_env()
 cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
                 lr=1e-3, weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, label_smoothing=0.1, ldam_margin=0.5,
                 focal_gamma=2.0, focal_alpha=1.0)  # fmt: skip
@@ -63,7 +58,12 @@ def setups(own):
         with env.autocast():
             out = model(x)
             loss = sum(w * fn(out[t], y[t]) for t, (w, fn) in losses_of.items())
-        backward_step(loss, multi_opt, env, model.parameters())
+        multi_opt.zero_grad(set_to_none=True)  # the step of train_multi.py
+        env.scaler.scale(loss).backward()
+        env.scaler.unscale_(multi_opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        env.scaler.step(multi_opt)
+        env.scaler.update()
 
     def coord():
         coord_step(model, x, y, None, list(TASKS), {t: [t] for t in TASKS}, losses_of, coord_opts, env)

@@ -17,8 +17,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows, build_model, keep_freed_memory, load_crops, machine, predict  # noqa: E402
-from inference import load_models  # noqa: E402
+from table import bench_rows  # noqa: E402
+
+from common import keep_freed_memory, load_crops, make_env  # noqa: E402
+from model import build_model, load_models, predict  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run", default=None, help="a trained run (default: --backbone, untrained head)")
@@ -31,7 +33,7 @@ parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--table", default=None, help="append the figures to this markdown table (make bench)")
 args = parser.parse_args()
 
-env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+env = make_env()
 keep_freed_memory(env.device)  # as inference.py does
 if args.run:
     name, model, mean, std, cfg = load_models(args.run, env)[0]

@@ -27,7 +27,9 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows, load_crops  # noqa: E402
+from table import bench_rows  # noqa: E402
+
+from common import load_crops  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")

@@ -22,7 +22,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import bench_rows, crop_square, face_square, fallback_square, read_train, rembg_home  # noqa: E402
+from table import bench_rows  # noqa: E402
+
+from faces import crop_square, face_square, fallback_square, rembg_home  # noqa: E402
+from rawdata import read_train  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "bench" / "utkmask"))

@@ -19,7 +19,7 @@ with the ratios (a)/(b), (a)/(b+) and (a)/(c), and the data paths alone (no mode
 
 How much (a) gains over (b) depends on the backbone as much as on the data path: bf16 units speed up
 dense convolutions about 3x (resnet18/50 at 224 px, measured on an AMX CPU) and depthwise ones less
-(EfficientNet compute 1.8-2.4x, with `common.fast_depthwise_training` and `common.fast_relu6`), so `make bench` runs
+(EfficientNet compute 1.8-2.4x, with `model.fast_depthwise_training` and `model.fast_relu6`), so `make bench` runs
 tf_efficientnet_lite0, efficientnet_b0 and resnet18 at 224 px. On a CPU without bf16 units both run fp32
 and (a) gains what channels_last gives (lite0 1.55x on AVX2, resnet18 1.06x).
 """
@@ -37,18 +37,12 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import (  # noqa: E402
-    bench_rows,
-    build_model,
-    keep_freed_memory,
-    load_crops,
-    machine,
-    make_batch,
-    make_optimizer,
-    param_groups,
-    task_targets,
-    versus,
-)
+from table import bench_rows, versus  # noqa: E402
+
+from batches import make_batch, task_targets  # noqa: E402
+from common import keep_freed_memory, load_crops, make_env  # noqa: E402
+from engine import make_optimizer, param_groups  # noqa: E402
+from model import build_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")
@@ -63,9 +57,9 @@ parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader wo
 parser.add_argument("--seed-process", action="store_true", help=argparse.SUPPRESS)  # (b): the child below
 args = parser.parse_args()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-own_malloc = not args.seed_process and keep_freed_memory(device)  # as common.setup does
+own_malloc = not args.seed_process and keep_freed_memory(device)  # as engine.setup_env does
 index, cache = load_crops(args.crops, "train", args.img_size)
-env = machine(device)
+env = make_env(device)
 cfg = Namespace(backbone=args.backbone, pretrained=args.pretrained, head_dropout=0.2, dropout_samples=1, opt="adamw",
                 lr=1e-3, weight_decay=0.01, momentum=0.9, backbone_lr_mult=0.1, flip=0.5, color=0.2, ssr=0.08,
                 erase=0.25, old_mixup=0.0)  # fmt: skip
@@ -77,7 +71,7 @@ gen = torch.Generator().manual_seed(0)
 
 
 def new_model(fast):
-    e = env if fast else machine(device, "fp32", "off")
+    e = env if fast else make_env(device, "fp32", "off")
     model, mean, std = build_model(cfg, {"label": 18}, e)
     opt = make_optimizer(param_groups(*model.params_of(["label"]), cfg), cfg)
     return e, model.train(), opt, mean, std

@@ -1,4 +1,4 @@
-"""The batch augmentation of the engine (common.make_batch) against plain step-by-step definitions:
+"""The batch augmentation of the engine (batches.make_batch) against plain step-by-step definitions:
 its fused arithmetic is for speed only and must not change what the augmentation does."""
 
 import math
@@ -7,10 +7,11 @@ from argparse import Namespace
 import torch
 import torch.nn.functional as F
 
-from common import affine_grid, machine, make_batch, normalise
+from batches import affine_grid, make_batch, normalise
+from common import make_env
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-ENV = machine(torch.device("cpu"), "fp32", "off")
+ENV = make_env(torch.device("cpu"), "fp32", "off")
 
 
 def batch_data(n=6, size=24):

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from conftest import BENCH, REPO, make_layout, needs_bench, write_image
 
-from common import DataError, class_id, read_answers, read_eval, read_train, split_class
+from common import InputError, class_id, split_class
+from rawdata import read_answers, read_eval, read_train
 
 PERSONS = [("000001", "female", "Asian", 45), ("001498-1", "male", "Asian", 23)]
 
@@ -132,7 +133,7 @@ def test_gender_case_and_whole_number_ages_are_accepted(tmp_path):
 def test_fail_policy_stops_at_the_first_problem_naming_it(tmp_path):
     root = make_layout(tmp_path, PERSONS)
     (root / "train" / "images" / "000001_female_Asian_45" / "mask2.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="mask2.jpg: zero-byte image"):
+    with pytest.raises(InputError, match="mask2.jpg: zero-byte image"):
         read_train(root, on_bad="fail")
 
 
@@ -166,7 +167,7 @@ def test_missing_train_csv_column_fails_clearly(tmp_path):
     root = make_layout(tmp_path, PERSONS)
     csv = root / "train" / "train.csv"
     csv.write_text(csv.read_text().replace("id,gender,race,age,path", "id,sex,race,age,path"))
-    with pytest.raises(DataError, match="missing column"):
+    with pytest.raises(InputError, match="missing column"):
         read_train(root)
 
 
@@ -220,16 +221,16 @@ def test_eval_keeps_info_csv_order_and_reports_unlisted_images(tmp_path):
 
 def test_eval_id_without_image_fails_naming_it(tmp_path):
     make_eval(tmp_path, ["a.jpg"], ["a.jpg", "gone.jpg"])
-    with pytest.raises(DataError, match="gone.jpg"):
+    with pytest.raises(InputError, match="gone.jpg"):
         read_eval(tmp_path)
 
 
 def test_empty_eval_fails(tmp_path):
     make_eval(tmp_path, [], [])
-    with pytest.raises(DataError, match="no rows"):
+    with pytest.raises(InputError, match="no rows"):
         read_eval(tmp_path)
     make_eval(tmp_path, [], ["a.jpg"])  # listed, but the images folder is empty
-    with pytest.raises(DataError, match="a.jpg"):
+    with pytest.raises(InputError, match="a.jpg"):
         read_eval(tmp_path)
 
 
@@ -239,7 +240,7 @@ def test_answers_file_is_checked(tmp_path):
     assert read_answers(good).to_dict() == {"x.jpg": 17, "y.jpg": 0}
     bad = tmp_path / "b.csv"
     bad.write_text("ImageID,ans\nx.jpg,18\n")
-    with pytest.raises(DataError, match="0-17"):
+    with pytest.raises(InputError, match="0-17"):
         read_answers(bad)
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import REPO
 
 # the demo preset, made tiny: a small timm model from scratch, deterministic kernels
@@ -54,6 +55,7 @@ def kill_make_during(data, work, script, ready=lambda: True):
         time.sleep(0.05)
 
 
+@pytest.mark.trains
 def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_path):
     whole, work = tmp_path / "whole", tmp_path / "killed"
     first = make("all", f"DATA={demo_data}", f"WORK={whole}", *TINY)
@@ -164,6 +166,7 @@ def test_pseudo_plans_a_second_round_on_the_first_rounds_labels(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.trains
 def test_pseudo_runs_both_rounds_end_to_end(demo_data, tmp_path):
     proc = make("all", f"DATA={demo_data}", f"WORK={tmp_path}", *TINY, "MODELS=single", "PSEUDO=1")
     assert proc.returncode == 0, proc.stderr[-3000:]

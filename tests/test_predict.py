@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from conftest import last_line, run
 
-from common import save_logprobs, split_class
-from ensemble import macro_f1, offsets_cv
+from common import split_class
+from ensemble import offsets_cv
+from scores import macro_f1, save_logprobs
 
 
 def views_from_probs(p18):
@@ -174,6 +175,7 @@ def tiny_run(demo_data, tmp_path_factory):
     return work
 
 
+@pytest.mark.trains
 def test_inference_averages_folds_writes_submission_and_scores(tiny_run, demo_data):
     proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--answers",
                demo_data / "eval" / "answers.csv", "--tta", "flip+shift", "--embed")  # fmt: skip
@@ -191,12 +193,14 @@ def test_inference_averages_folds_writes_submission_and_scores(tiny_run, demo_da
     assert (tiny_run / "run" / "test_confusion.png").is_file() and (tiny_run / "run" / "embed.png").is_file()
 
 
+@pytest.mark.trains
 def test_inference_on_single_photos(tiny_run, demo_data):
     photo = sorted((demo_data / "eval" / "images").iterdir())[0]
     proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--image", photo)
     assert "class" in last_line(proc.stdout) and "mask" in last_line(proc.stdout) and "age" in last_line(proc.stdout)
 
 
+@pytest.mark.trains
 def test_answers_missing_ids_fail_clearly(tiny_run, tmp_path):
     bad = tmp_path / "answers.csv"
     bad.write_text("ImageID,ans\nnot_there.jpg,3\n")
@@ -205,6 +209,7 @@ def test_answers_missing_ids_fail_clearly(tiny_run, tmp_path):
     assert proc.returncode == 2 and "no answer for" in last_line(proc.stderr)
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "pickled_code", "other_size"])
 def test_bad_checkpoints_are_refused_with_one_line(tiny_run, tmp_path, damage):
     import shutil

@@ -14,7 +14,7 @@ from conftest import BENCH, REPO, SHOTS, image_array, last_line, make_layout, ne
 from PIL import Image
 from skimage import data as skdata
 
-from common import NEUTRAL, face_detector
+from faces import NEUTRAL, face_detector
 
 
 def astronaut_layout(root):

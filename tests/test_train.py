@@ -16,22 +16,11 @@ import torch
 from conftest import REPO, last_line, run
 from sklearn.metrics import f1_score
 
-from common import (
-    TASKS,
-    DataError,
-    build_model,
-    create_backbone,
-    fast_depthwise_training,
-    fast_relu6,
-    focal_loss,
-    load_checkpoint,
-    load_crops,
-    load_fold,
-    machine,
-    make_loss,
-    soft_f1_loss,
-    train_parser,
-)
+from batches import load_fold
+from common import TASKS, InputError, load_crops, make_env
+from engine import train_parser
+from losses import focal_loss, make_loss, soft_f1_loss
+from model import build_model, create_backbone, fast_depthwise_training, fast_relu6, load_checkpoint
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--img-size", 32, "--batch-size", 16,
         "--eval-batch-size", 64, "--threads", 1]  # fmt: skip
@@ -51,6 +40,7 @@ def train(script, crops, out, *extra, check=True):
                check=check)  # fmt: skip
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("script", ["train_single.py", "train_multi.py", "train_coord.py"])
 def test_each_trainer_writes_everything(crops, tmp_path, script):
     out = tmp_path / "run"
@@ -76,6 +66,7 @@ def test_each_trainer_writes_everything(crops, tmp_path, script):
     assert "val f1" in proc.stdout
 
 
+@pytest.mark.trains
 def test_resume_after_kill_equals_uninterrupted(crops, tmp_path, monkeypatch):
     # bit-identical weights are promised on CPU in deterministic mode (on an H200 this test failed)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -101,12 +92,14 @@ def test_resume_after_kill_equals_uninterrupted(crops, tmp_path, monkeypatch):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
+@pytest.mark.trains
 def test_resume_with_changed_flags_starts_over(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 1)
     proc = train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 1, "--lr", 0.01, "--resume")
     assert "made with other settings (lr)" in proc.stdout
 
 
+@pytest.mark.trains
 def test_torchrun_two_processes_match_one(crops, tmp_path, monkeypatch):
     # a GroupNorm model: on CPU BatchNorm statistics stay per process (SyncBatchNorm needs a GPU)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the gloo path on CPU, also on a machine with one GPU
@@ -125,6 +118,7 @@ def test_torchrun_two_processes_match_one(crops, tmp_path, monkeypatch):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3), k
 
 
+@pytest.mark.trains
 def test_train_bench_times_every_way_and_the_seed_loop_in_a_process_of_its_own(crops, tmp_path):
     table = tmp_path / "table.md"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_bench.py"), "--crops", str(crops / "crops"),
@@ -145,6 +139,7 @@ def test_train_bench_times_every_way_and_the_seed_loop_in_a_process_of_its_own(c
     assert any("(b+) seed-style in our process" in k for k in ratios) == on_cpu_with_glibc, ratios
 
 
+@pytest.mark.trains
 def test_memory_bench_finds_the_cache_shared_not_copied(crops, tmp_path):
     # bench/memory_bench.py samples the trainers' memory maps: every torchrun process reads the packed cache
     # through the same file pages, and none of them holds a private copy of any page
@@ -169,13 +164,13 @@ def test_memory_bench_finds_the_cache_shared_not_copied(crops, tmp_path):
 # ---- coordinate updates ----
 def tiny_model(age_backbone=None):
     args = Namespace(backbone="test_efficientnet", pretrained="none", head_dropout=0.0, dropout_samples=1)
-    env = machine(torch.device("cpu"), "fp32", "off")
+    env = make_env(torch.device("cpu"), "fp32", "off")
     model, _, _ = build_model(args, dict(TASKS), env, {"age": age_backbone})
     return model.train(), env
 
 
 def coord_parts(model, env):
-    from common import make_optimizer, param_groups
+    from engine import make_optimizer, param_groups
     from train_coord import coord_step
 
     opt_args = Namespace(opt="sgd", lr=0.5, weight_decay=0.0, momentum=0.9, backbone_lr_mult=1.0)
@@ -267,7 +262,7 @@ def test_cpu_bf16_swaps_in_the_fast_depthwise_conv_for_strided_and_5x5_ones_only
     import copy
 
     args = Namespace(backbone="mobilenetv3_small_050", pretrained="none", head_dropout=0.0, dropout_samples=1)
-    model, _, _ = build_model(args, {"label": 18}, machine(torch.device("cpu"), "bf16", "on"))
+    model, _, _ = build_model(args, {"label": 18}, make_env(torch.device("cpu"), "bf16", "on"))
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     slow = {n for n, m in convs.items() if m.groups > 1 and (max(m.kernel_size) > 3 or max(m.stride) > 1)}
     assert slow and any(convs[n].groups > 1 for n in set(convs) - slow)  # 3x3 stride-1 depthwise ones too
@@ -311,7 +306,7 @@ def test_cpu_bf16_model_with_the_fast_relu6_trains_bit_identically():
     import copy
 
     args = Namespace(backbone="mobilenetv2_035", pretrained="none", head_dropout=0.0, dropout_samples=1)
-    model, _, _ = build_model(args, {"label": 18}, machine(torch.device("cpu"), "bf16", "on"))
+    model, _, _ = build_model(args, {"label": 18}, make_env(torch.device("cpu"), "bf16", "on"))
     acts = [m for m in model.modules() if isinstance(m, torch.nn.ReLU6)]
     assert acts and all("forward" in vars(m) for m in acts)
     plain = copy.deepcopy(model)
@@ -376,7 +371,7 @@ def test_every_loss_is_finite_and_differentiable(spec):
 
 
 def test_unknown_loss_is_refused():
-    with pytest.raises(DataError, match="unknown term 'dice'"):
+    with pytest.raises(InputError, match="unknown term 'dice'"):
         make_loss("ce+dice", torch.ones(3), loss_args())
 
 
@@ -434,6 +429,7 @@ def test_a_size_or_count_of_zero_is_refused_by_the_parser(crops, tmp_path, flag)
     assert proc.returncode == 2 and f"argument {flag}: 0: must be 1 or more" in last_line(proc.stderr), proc.stderr
 
 
+@pytest.mark.trains
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2)
     good = (tmp_path / "fold0" / "best.pt").read_bytes()
@@ -447,7 +443,7 @@ def test_old_mixup_pools_the_training_fold_old_persons_by_class(crops):
     # the pool --old-mixup draws partners from: old-band training rows only, never a validation person
     args = train_parser("").parse_args(["--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"),
                                         "--img-size", "32", "--old-age", "58"])  # fmt: skip
-    data = load_fold(args, 1, machine(torch.device("cpu"), "fp32", "off"))
+    data = load_fold(args, 1, make_env(torch.device("cpu"), "fp32", "off"))
     pooled = torch.cat(list(data.old_pool.values())).sort().values
     old_train = data.train_rows[data.targets["age"][data.train_rows] == 2]
     assert len(pooled) > 0 and torch.equal(pooled, old_train.sort().values)
@@ -469,6 +465,7 @@ def test_old_mixup_pools_the_training_fold_old_persons_by_class(crops):
                             "--age-backbone", "test_efficientnet", "--age-regression", 1.0, "--loss", "wce"]),
     ],
 )  # fmt: skip
+@pytest.mark.trains
 def test_knobs_run_together(crops, tmp_path, script, flags):
     proc = train(script, crops, tmp_path, "--fold", 2, "--epochs", 2, "--max-steps", 3, *flags)
     log = pd.read_csv(tmp_path / "fold2" / "log.csv")
@@ -476,6 +473,7 @@ def test_knobs_run_together(crops, tmp_path, script, flags):
     assert "val f1" in proc.stdout
 
 
+@pytest.mark.trains
 def test_full_train_uses_the_epochs_cv_found(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", 0, "--epochs", 2, "--max-steps", 2)
     best = json.loads((tmp_path / "fold0" / "metrics.json").read_text())["best_epoch"]
@@ -488,6 +486,7 @@ def test_full_train_uses_the_epochs_cv_found(crops, tmp_path):
     assert f"resumed after epoch {best}" in again.stdout and "starting over" not in again.stdout
 
 
+@pytest.mark.trains
 def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_path):
     common = " ".join(map(str, TINY + ["--epochs", 1, "--max-steps", 2]))
     sweep = ["tools/sweep.py", "--crops", crops / "crops", "--folds", crops / "folds.csv", "--fold", "0,1",
@@ -510,6 +509,7 @@ def test_sweep_compares_recipes_over_folds_and_reuses_finished_runs(crops, tmp_p
     assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --recipe")
 
 
+@pytest.mark.trains
 def test_tta_check_scores_each_tta_out_of_fold_and_none_is_the_saved_oof(crops, tmp_path):
     train("train_single.py", crops, tmp_path, "--fold", "all", "--epochs", 2)  # far enough from uniform to tell flips
     train("train_single.py", crops, tmp_path, "--fold", "full", "--epochs", 1, "--max-steps", 2)  # has no val: skipped
@@ -549,7 +549,7 @@ def first_round(crops, folder, eval_label=17, train_label=5):
 def test_pseudo_labels_train_the_val_fold_and_the_eval_images_and_scores_stay_true(crops, tmp_path):
     files, n_train, n_eval = first_round(crops, tmp_path)
     flags = ["--crops", str(crops / "crops"), "--folds", str(crops / "folds.csv"), "--img-size", "32"]
-    cpu = machine(torch.device("cpu"), "fp32", "off")
+    cpu = make_env(torch.device("cpu"), "fp32", "off")
     plain = load_fold(train_parser("").parse_args(flags), 1, cpu)
     data = load_fold(train_parser("").parse_args(flags + ["--pseudo", *files]), 1, cpu)
     val, eval_rows = plain.val_rows, list(range(n_train, n_train + n_eval))
@@ -565,6 +565,7 @@ def test_pseudo_labels_train_the_val_fold_and_the_eval_images_and_scores_stay_tr
     assert np.array_equal(data.images[n_train:].numpy(), np.asarray(eval_cache))  # the eval pixels, appended
 
 
+@pytest.mark.trains
 def test_pseudo_through_the_trainer_and_new_labels_start_the_fold_over(crops, tmp_path):
     files, _, n_eval = first_round(crops, tmp_path)
     out = tmp_path / "run"

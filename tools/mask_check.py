@@ -37,20 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
 from common import (  # noqa: E402
     MASK_STATES,
-    DataError,
+    InputError,
     keep_freed_memory,
     load_crops,
-    machine,
+    make_env,
     positive_int,
-    predict,
     run_main,
     save_figure,
     save_json,
-    save_logprobs,
-    scores,
     split_class,
 )
-from inference import average, load_models  # noqa: E402
+from model import average_views, load_models, predict  # noqa: E402
+from scores import save_logprobs, scores  # noqa: E402
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,14 +74,14 @@ def crop_settings(run, crops):
         config = Path(run) / "config.json"
         crops = json.loads(config.read_text()).get("crops") if config.is_file() else None
         if crops is None:
-            raise DataError(f"--run {run}: no config.json naming its crops: pass --crops")
+            raise InputError(f"--run {run}: no config.json naming its crops: pass --crops")
     made = next(Path(crops).glob("train/*/*.png"), None) if Path(crops).is_dir() else None
     if made is None:
-        raise DataError(f"--crops {crops}: no training crops there to copy the settings of (pass --crops)")
+        raise InputError(f"--crops {crops}: no training crops there to copy the settings of (pass --crops)")
     with Image.open(made) as im:
         settings = json.loads(im.text.get("maskcls", "{}")).get("settings")
     if not settings:
-        raise DataError(f"{made}: no crop settings recorded (made by an older preprocess.py?)")
+        raise InputError(f"{made}: no crop settings recorded (made by an older preprocess.py?)")
     return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -93,7 +91,7 @@ def crop_heldout(heldout, flags, workers):
            "--splits", "eval", "--workers", str(workers), *flags]  # fmt: skip
     print("crop:", " ".join(cmd[1:]))
     if subprocess.run(cmd).returncode != 0:
-        raise DataError(f"preprocess.py failed on {heldout} (its message is above)")
+        raise InputError(f"preprocess.py failed on {heldout} (its message is above)")
     return out
 
 
@@ -152,11 +150,11 @@ def main():
     heldout, run = Path(args.heldout), Path(args.run)
     answers_path = heldout / "eval" / "answers.csv"
     if not answers_path.is_file():
-        raise DataError(f"--heldout {heldout}: no eval/answers.csv (make it with tools/render_masks.py)")
+        raise InputError(f"--heldout {heldout}: no eval/answers.csv (make it with tools/render_masks.py)")
     answers = pd.read_csv(answers_path, dtype={"ImageID": str, "person_id": str}).set_index("ImageID")
     if not {"ans", "mask", "placement"} <= set(answers.columns):
-        raise DataError(f"{answers_path}: needs columns ans, mask, placement (written by tools/render_masks.py)")
-    env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
+        raise InputError(f"{answers_path}: needs columns ans, mask, placement (written by tools/render_masks.py)")
+    env = make_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.precision)
     keep_freed_memory(env.device)
     models = load_models(run, env, args.use_folds)  # before the crops: a bad run fails in a second
     crops = crop_heldout(heldout, crop_settings(run, args.crops), args.workers)
@@ -164,7 +162,9 @@ def main():
     # ---- predict, as inference.py does ----
     index, cache = load_crops(crops, "eval", models[0].cfg.img_size)
     images, rows = torch.from_numpy(cache), torch.arange(len(index))
-    views = average([predict(m.model, images, rows, env, m.mean, m.std, args.batch_size, args.tta) for m in models])
+    views = average_views(
+        [predict(m.model, images, rows, env, m.mean, m.std, args.batch_size, args.tta) for m in models]
+    )
     ids = index["image_id"].to_numpy()
     save_logprobs(run / f"{args.name}_logits.npz", ids, views)
     answers = answers.loc[ids]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
-from common import DataError, run_main, save_csv  # noqa: E402
+from common import InputError, run_main, save_csv  # noqa: E402
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,12 +49,14 @@ def parse_recipes(args):
         name, _, command = line.partition(":")
         name, command = name.strip(), shlex.split(command)
         if not name.replace("_", "").replace("-", "").isalnum() or not command or not command[0].endswith(".py"):
-            raise DataError(f"--recipe {line!r}: expected 'NAME: SCRIPT.py FLAGS...' with NAME in letters, digits, - _")
+            raise InputError(
+                f"--recipe {line!r}: expected 'NAME: SCRIPT.py FLAGS...' with NAME in letters, digits, - _"
+            )
         if not (REPO / command[0]).is_file():
-            raise DataError(f"--recipe {line!r}: no script {command[0]} in {REPO}")
+            raise InputError(f"--recipe {line!r}: no script {command[0]} in {REPO}")
         recipes[name] = command
     if not recipes:
-        raise DataError("no recipes: give --recipe 'NAME: SCRIPT.py FLAGS' or --recipes FILE")
+        raise InputError("no recipes: give --recipe 'NAME: SCRIPT.py FLAGS' or --recipes FILE")
     return recipes
 
 
@@ -112,7 +114,7 @@ def main():
     # ---- results: a row per finished run, then the paired comparison ----
     rows = [m | dict(recipe=name, fold=k) for name, k in jobs if (m := read_metrics(out / name / f"fold{k}"))]
     if not rows:
-        raise DataError(f"no run finished: {'; '.join(failed)}")
+        raise InputError(f"no run finished: {'; '.join(failed)}")
     results = pd.DataFrame(rows)
     save_csv(results, out / "results.csv")
     table = paired_table(results)

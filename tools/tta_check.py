@@ -19,20 +19,11 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
-from common import (  # noqa: E402
-    DataError,
-    fold_of_images,
-    keep_freed_memory,
-    load_crops,
-    machine,
-    positive_int,
-    predict,
-    run_main,
-    split_class,
-    task_targets,
-)
-from ensemble import macro_f1, offsets_cv  # noqa: E402
-from inference import load_models  # noqa: E402
+from batches import fold_of_images, task_targets  # noqa: E402
+from common import InputError, keep_freed_memory, load_crops, make_env, positive_int, run_main, split_class  # noqa: E402
+from ensemble import offsets_cv  # noqa: E402
+from model import load_models, predict  # noqa: E402
+from scores import macro_f1  # noqa: E402
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +43,7 @@ parser.add_argument("--batch-size", type=positive_int, default=256)
 
 def main():
     args = parser.parse_args()
-    env = machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    env = make_env()
     keep_freed_memory(env.device)
     models = load_models(args.run, env, "cv")  # foldfull, the model on every person, has no val images
     index, cache = load_crops(args.crops, "train", models[0].cfg.img_size)
@@ -67,7 +58,7 @@ def main():
         for name, model, mean, std, _ in tqdm(models, desc=tta, leave=False):
             fold_rows = torch.as_tensor(np.flatnonzero(fold_of == int(name.removeprefix("fold"))))
             if not len(fold_rows):
-                raise DataError(f"--folds {args.folds}: no images in {name}: not the folds the run was trained on")
+                raise InputError(f"--folds {args.folds}: no images in {name}: not the folds the run was trained on")
             rows.append(fold_rows.numpy())
             logp.append(predict(model, images, fold_rows, env, mean, std, args.batch_size, tta)["label"])
         rows, logp = np.concatenate(rows), np.concatenate(logp)
