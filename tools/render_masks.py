@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # common.py lives in the repository root
-from common import DataError, atomic_path, face_detector, run_main, save_csv  # noqa: E402
+from common import InputError, atomic_path, run_main, save_csv  # noqa: E402
+from faces import face_detector  # noqa: E402
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +73,7 @@ def landmark_models():
 
     spec = importlib.util.find_spec("face_recognition_models")  # not imported: it needs pkg_resources
     if spec is None:
-        raise DataError("face-recognition-models is not installed (requirements-nodeps.txt)")
+        raise InputError("face-recognition-models is not installed (requirements-nodeps.txt)")
     path = Path(spec.submodule_search_locations[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(path))
 
@@ -369,11 +370,11 @@ def main():
     args = parser.parse_args()
     answers_path = Path(args.data) / "eval" / "answers.csv"
     if not answers_path.is_file():
-        raise DataError(f"--data {args.data}: no eval/answers.csv (the eval split with its true labels)")
+        raise InputError(f"--data {args.data}: no eval/answers.csv (the eval split with its true labels)")
     answers = pd.read_csv(answers_path, dtype={"ImageID": str, "person_id": str})
     need = {"ImageID", "ans"}
     if not need <= set(answers.columns):
-        raise DataError(f"{answers_path}: needs columns {sorted(need)}")
+        raise InputError(f"{answers_path}: needs columns {sorted(need)}")
     answers["mask"] = answers["ans"] // 6
     persons = answers[answers["mask"] == 2].reset_index(drop=True)  # the unmasked shots
     if "person_id" not in persons:
@@ -381,7 +382,7 @@ def main():
     if args.persons:
         persons = persons.iloc[: args.persons]
     if persons.empty:
-        raise DataError(f"{answers_path}: no image with mask state 'not wear' (ans 12-17) to draw masks on")
+        raise InputError(f"{answers_path}: no image with mask state 'not wear' (ans 12-17) to draw masks on")
     out = Path(args.out)
     images_dir = out / "eval" / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +433,7 @@ def main():
             previews.append(shots)
 
     if not rows:
-        raise DataError(f"--data {args.data}: no face found on any of {len(persons)} images ({skipped[0][1]})")
+        raise InputError(f"--data {args.data}: no face found on any of {len(persons)} images ({skipped[0][1]})")
     table = pd.DataFrame(rows).sample(frac=1, random_state=args.seed).reset_index(drop=True)
     save_csv(table, out / "render.csv")
     cols = ["ImageID", "ans", "person_id", "mask", "gender", "age", "age_band", "placement", "shape", "texture"]
