@@ -36,6 +36,7 @@ parser.add_argument("--run", required=True, help="a trained run")
 parser.add_argument("--crops", default=None, help="serve.py --crops (default: the run's)")
 parser.add_argument("--tta", default="flip", help="serve.py --tta")
 parser.add_argument("--threads", default="1", help="serve.py --threads")
+parser.add_argument("--use-folds", default="all", help="serve.py --use-folds")
 parser.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients, one setting each")
 parser.add_argument("--requests", type=int, default=40, help="requests per setting and round (after 3 to warm up)")
 parser.add_argument("--rounds", type=int, default=2, help="every setting again: the server's memory after each round")
@@ -55,7 +56,7 @@ def photo():
 
 def start_server(log):
     cmd = [sys.executable, str(HERE.parent / "serve.py"), "--run", args.run, "--port", "0"]
-    cmd += ["--tta", args.tta, "--threads", args.threads]
+    cmd += ["--tta", args.tta, "--threads", args.threads, "--use-folds", args.use_folds]
     cmd += ["--crops", args.crops] if args.crops else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
