@@ -5,6 +5,7 @@
 #   make all DATA=path/to/data  the whole pipeline: crops -> folds -> models x folds -> inference -> ensemble
 #   make -j2 all ...            independent folds and models side by side
 #   make -n all ...             the plan, without running it
+#   make serve RUN=WORK/runs/single   the browser pages: predict a photo, audit the training labels (Ctrl-C stops)
 #   make bench                  speed benchmarks (bench/*.py) on ../shared/bench/utkmask
 #   make help                   this text and the variables
 
@@ -88,11 +89,11 @@ space := $(empty) $(empty)
 # the models inference averages: the folds', and with FULL=1 the one trained on every person
 MODEL_FOLDS := $(FOLDS) $(if $(filter 1,$(FULL)),full)
 
-.PHONY: help install test test-fast lint demo all bench clean
+.PHONY: help install test test-fast lint demo all serve bench clean
 .DELETE_ON_ERROR:
 
 help:
-	@sed -n '2,9p' Makefile
+	@sed -n '2,10p' Makefile
 	@echo "variables: DATA=$(DATA) WORK=$(WORK) PRESET=$(PRESET) (cpu|gpu|demo) MODELS='$(MODELS)' SEEDS='$(SEEDS)' PSEUDO=$(PSEUDO) FULL=$(FULL) FOLDS='$(FOLDS)' NFOLDS=$(NFOLDS)"
 	@echo "           BACKBONE=$(BACKBONE) IMG_SIZE=$(IMG_SIZE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) TTA=$(TTA) WEIGHTS=$(WEIGHTS) ENSEMBLE_FLAGS='$(ENSEMBLE_FLAGS)'"
 	@echo "           CROP_SIZE=$(CROP_SIZE) PREP_FLAGS='$(PREP_FLAGS)': preprocess.py flags"
@@ -149,7 +150,7 @@ else
 endif
 endif
 endef
-ifneq ($(filter-out help install lint test test-fast clean demo bench,$(or $(MAKECMDGOALS),help)),)
+ifneq ($(filter-out help install lint test test-fast clean demo serve bench,$(or $(MAKECMDGOALS),help)),)
 $(eval $(call record,$(WORK)/preprocess_flags.txt,$(prep_flags)))
 $(foreach m,$(MODELS),$(foreach s,$(SEEDS),\
 	$(eval $(call record,$(WORK)/runs/$(call run_of,$(m),$(s))/flags.txt,$(call run_flags,$(m),$(s))))))
@@ -207,6 +208,12 @@ WORK/demo/data/eval/answers.csv: | $(STAMP)
 
 demo: WORK/demo/data/eval/answers.csv
 	$(MAKE) all DATA=WORK/demo/data WORK=WORK/demo PRESET=demo
+
+# ---- the browser pages for a trained run
+RUN ?= $(WORK)/runs/single
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) serve.py --run $(RUN) --crops $(WORK)/crops --port $(PORT)
 
 BENCH_DATA ?= ../shared/bench/utkmask
 BENCH_WORK ?= WORK/bench

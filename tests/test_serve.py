@@ -22,6 +22,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.is_file(), reason="/usr/bin/chromium not here (apt-get install chromium)"
 )
+pytestmark = pytest.mark.trains  # every test here serves a tiny run trained first
 SHOTS_DIR = Path("/tmp/serve")
 LIMIT_MB = 2  # the server's --max-upload-mb here: a 3 MB file is the oversized one
 
