@@ -3,7 +3,9 @@
 preprocess.py runs prepare_face over the data set; inference.py --image and serve.py run it on one photo, so a
 photo is prepared the same way everywhere."""
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,3 +196,22 @@ def prepare_face(rgb, detector, bg_alpha, size=256, margin=0.6, detect_size=128,
         replaced = float((a < 0.5).mean())
     box_text = " ".join(str(int(round(v))) for v in box)
     return crop, dict(face_found=bool(found), face_conf=round(conf, 4), box=box_text, bg_replaced=round(replaced, 4))
+
+
+# what a crop depends on (preprocess.py's flags), and their defaults
+CROP_DEFAULTS = dict(size=256, bg="rembg", bg_model="u2netp", bg_size=192, bg_context=0.25, margin=0.6, detect_size=128,
+                     min_conf=0.9)  # fmt: skip
+
+
+def crop_settings(crops_dir):
+    """The settings a crops folder was made with, read off one crop's PNG (an eval crop first, else a training one),
+    so a single photo is prepared as the crops were; preprocess.py's defaults where no crop records them.
+    Returns (settings, the PNG read or None)."""
+    from PIL import Image
+
+    settings, crops_dir = dict(CROP_DEFAULTS), Path(crops_dir)
+    made = next((p for pattern in ("eval/*.png", "train/*/*.png") for p in crops_dir.glob(pattern)), None)
+    if made:
+        with Image.open(made) as im:
+            settings.update(json.loads(im.text.get("maskcls", "{}")).get("settings", {}))
+    return settings, made

@@ -13,7 +13,6 @@ Every setting the model needs (backbone, image size, heads) comes from its check
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from common import (
     save_json,
     split_class,
 )
-from faces import background_remover, crop_square, face_detector, load_rgb, prepare_face
+from faces import background_remover, crop_settings, crop_square, face_detector, load_rgb, prepare_face
 from model import average_views, load_models, predict
 from rawdata import read_answers
 from scores import per_class_table, plot_confusions, save_logprobs, score_line, scores
@@ -54,14 +53,7 @@ parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], def
 
 def predict_images(paths, models, env, crops_dir, tta):
     """--image: prepare each photo as preprocess.py did (its settings from a crop's PNG), predict, print."""
-    from PIL import Image
-
-    settings = dict(size=256, bg="rembg", bg_model="u2netp", bg_size=192, bg_context=0.25, margin=0.6,
-                    detect_size=128, min_conf=0.9)  # fmt: skip
-    made = next(Path(crops_dir).glob("eval/*.png"), None) if Path(crops_dir).is_dir() else None
-    if made:
-        with Image.open(made) as im:
-            settings.update(json.loads(im.text.get("maskcls", "{}")).get("settings", {}))
+    settings, _ = crop_settings(crops_dir)
     detector = face_detector()
     bg = background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
     size = models[0].cfg.img_size

@@ -49,7 +49,7 @@ from common import (
     run_main,
     save_csv,
 )
-from faces import NEUTRAL, background_remover, crop_square, face_detector, load_rgb, prepare_face
+from faces import NEUTRAL, background_remover, crop_settings, crop_square, face_detector, load_rgb, prepare_face
 from model import average_views, load_models, logprob_views, predict
 from rawdata import Problems, read_csv_text, require_columns
 from scores import load_logprobs
@@ -80,21 +80,6 @@ parser.add_argument("--threads", type=positive_int, default=1, help="torch threa
 
 
 # ---- the run: models, face detector and background remover, loaded once ---------------------
-def crop_settings(crops_dir):
-    """The settings preprocess.py made the crops with, read off a crop's PNG (eval first, as inference.py
-    --image reads them; a train crop where only train was cropped). Returns (settings, the PNG or None)."""
-    from PIL import Image
-
-    settings = dict(size=256, bg="rembg", bg_model="u2netp", bg_size=192, bg_context=0.25, margin=0.6,
-                    detect_size=128, min_conf=0.9)  # fmt: skip
-    crops_dir = Path(crops_dir)
-    made = next((p for pattern in ("eval/*.png", "train/*/*.png") for p in crops_dir.glob(pattern)), None)
-    if made:
-        with Image.open(made) as im:
-            settings.update(json.loads(im.text.get("maskcls", "{}")).get("settings", {}))
-    return settings, made
-
-
 def load_state(args, run, crops, env):
     """Everything a request needs, built once: models, detector, segmenter, the audit and its draft."""
     # one thread runs every photo, in turn: the models' cores are the CPU's, more threads would only share them
