@@ -5,13 +5,14 @@ the mask state on masks no model was trained on (never train on its output).
 
 For every eval image whose answer is `not wear` (mask 2: one `normal` shot per person), dlib finds 68
 landmarks (HOG detector; MTCNN's box where HOG finds none) and the renderer draws --wear masks worn correctly
-(nose bridge to under the chin) and --incorrect masks worn wrong, half below the nose (mouth covered, nose
-out) and half pulled down on the chin (mouth out); the unmasked shot stays in as `not wear`. Four shape
+(upper edge from the top of the nose bridge to halfway down the nose, lower edge at or under the chin) and
+--incorrect masks worn wrong, half below the nose (from just under its tip to the upper lip: mouth covered,
+nose out) and half pulled down on the chin (mouth out); the unmasked shot stays in as `not wear`. Four shape
 families (fitted cloth, flat surgical with pleats, N95 cup, duckbill), six procedural textures (solid, ribbed
 knit, heather, camouflage, twill, printed diamonds) in a palette of mask colours, each shaded by a random
 directional light on the mask's own height field, with contact shadow, ear loops or head straps and the
 photo's brightness. Every draw is checked on its own alpha: a worn mask covers nose tip, mouth and chin; a
-mask below the nose leaves nose tip and nostrils out and covers the mouth; one on the chin leaves the lips out.
+mask below the nose leaves the nose tip out and covers the mouth; one on the chin leaves the lips out.
 Writes, in the competition's eval layout (so preprocess.py --splits eval and inference.py --answers read it):
 
     OUT/eval/images/<sha1>.jpg, OUT/eval/info.csv (ImageID,ans=0)
@@ -141,13 +142,14 @@ def half_width(face_pts, v):
 def outline(shape, placement, face_pts, rng):
     """Closed polygon (face units) of one mask, and the height of its crease (duckbill) or None.
     The mask is laid out as if worn correctly, then slid down the face as a whole for a wrong placement."""
-    nose_bridge = face_pts[28, 1] + (face_pts[29, 1] - face_pts[28, 1]) * rng.uniform(0.0, 0.7)
+    # worn correctly: the upper edge anywhere from the top of the nose bridge to halfway down to the tip
+    nose_bridge = face_pts[28, 1] + (face_pts[30, 1] - face_pts[28, 1]) * rng.uniform(-0.1, 0.5)
     chin = face_pts[8, 1]
-    bottom = chin + rng.uniform(0.08, 0.25)  # under the chin
+    bottom = chin + rng.uniform(0.0, 0.25)  # at or under the chin
     if placement == "wear":
         top = nose_bridge
-    elif placement == "below_nose":  # upper edge between the nostrils and the upper lip
-        top = face_pts[33, 1] + (face_pts[51, 1] - face_pts[33, 1]) * rng.uniform(0.3, 0.75)
+    elif placement == "below_nose":  # upper edge between just under the nose tip and the upper lip
+        top = face_pts[30, 1] + (face_pts[51, 1] - face_pts[30, 1]) * rng.uniform(0.3, 0.8)
     else:  # chin: upper edge between the lower lip and the chin
         top = face_pts[57, 1] + (chin - face_pts[57, 1]) * rng.uniform(0.15, 0.45)
     shift = top - nose_bridge
@@ -349,14 +351,12 @@ def covered(alpha, p):
 
 def placement_holds(placement, alpha, pts):
     """What each placement must show, read off the mask's own alpha."""
-    nose_tip, nostrils, upper_lip, mouth, lower_lip, chin = (
-        pts[30], pts[33], pts[51], pts[62:67].mean(0), pts[57], pts[8]
-    )  # fmt: skip
+    nose_tip, upper_lip, mouth, lower_lip, chin = pts[30], pts[51], pts[62:67].mean(0), pts[57], pts[8]
     on = lambda p: covered(alpha, p) > 0.5  # noqa: E731
     if placement == "wear":
         return on(nose_tip) and on(mouth) and on(chin)
     if placement == "below_nose":
-        return not on(nose_tip) and not on(nostrils) and on(mouth) and on(lower_lip)
+        return not on(nose_tip) and on(mouth) and on(lower_lip)
     return not on(nose_tip) and not on(upper_lip) and not on(lower_lip) and on(chin)
 
 
