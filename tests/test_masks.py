@@ -89,6 +89,12 @@ def test_renderer_is_seeded_and_tells_a_faceless_set_clearly(tmp_path):
     render = pd.read_csv(tmp_path / "a" / "render.csv")
     masked = render[render["placement"] != "none"]
     assert len(masked) == 8 and masked["shape"].nunique() > 1 and (render["landmarks"] == "hog").all()
+    assert (masked["area"] > 0.01).all() and (render.loc[render["placement"] == "none", "area"] == 0).all()
+    # a new set over an old one: the old images and their crops go (a crop of the same name would be reused)
+    (tmp_path / "a" / "crops" / "eval").mkdir(parents=True)
+    run("tools/render_masks.py", "--data", tmp_path / "data", "--out", tmp_path / "a", "--seed", 6)
+    assert {f.name for f in (tmp_path / "a" / "eval" / "images").iterdir()} == set(made[2])
+    assert not (tmp_path / "a" / "crops").exists()
 
     blank = tmp_path / "blank"
     (blank / "eval" / "images").mkdir(parents=True)

@@ -17,7 +17,9 @@ Writes, in the competition's eval layout (so preprocess.py --splits eval and inf
 
     OUT/eval/images/<sha1>.jpg, OUT/eval/info.csv (ImageID,ans=0)
     OUT/eval/answers.csv   ImageID,ans,person_id,mask,gender,age,age_band,placement,shape,texture
-    OUT/render.csv         per image: the draw's settings, landmark source, nose/mouth/chin points and their alpha
+    OUT/render.csv         per image: the draw's settings, landmark source, nose/mouth/chin points and their
+                           alpha, and the share of the photo the mask covers (area: a mask on the chin of a
+                           tight crop can be a thin strip at its edge)
     OUT/alpha/<sha1>.png   with --save-alpha: each drawn mask's coverage (255 = mask)
     OUT/preview.png        with --preview N: N persons' images side by side
 
@@ -30,6 +32,7 @@ tools/mask_check.py scores a trained run on the result.
 import argparse
 import hashlib
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -385,6 +388,9 @@ def main():
         raise InputError(f"{answers_path}: no image with mask state 'not wear' (ans 12-17) to draw masks on")
     out = Path(args.out)
     images_dir = out / "eval" / "images"
+    if (out / "render.csv").is_file():  # a set this script made before: its images and crops go (preprocess.py
+        for old in ("eval", "crops", "alpha"):  # would take a crop of the same name for a new image's)
+            shutil.rmtree(out / old, ignore_errors=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     hog, predictor = landmark_models()
     mtcnn = {}  # made when HOG first finds no face
@@ -426,7 +432,7 @@ def main():
                 placement=placement, **settings, landmarks=source, source=person.ImageID,
                 nose_x=pts[30, 0], nose_y=pts[30, 1], mouth_x=mouth[0], mouth_y=mouth[1], chin_x=pts[8, 0],
                 chin_y=pts[8, 1], alpha_nose=covered(alpha, pts[30]), alpha_mouth=covered(alpha, mouth),
-                alpha_chin=covered(alpha, pts[8]),
+                alpha_chin=covered(alpha, pts[8]), area=round(float(alpha.mean()), 4),
             ))  # fmt: skip
             shots.append(img)
         if len(previews) < args.preview:
