@@ -10,6 +10,10 @@ Members are run folders (their test_logits.npz and fold*/oof.npz) or bare logits
 (--adjust-by age) or per class (class); cross-validated over persons, applied only if they help out of fold.
 --group-shots finds the shots of one person among the images (by the unmasked top of the face, in --crops) and
 gives them one gender and age: averaged over the person's shots; applied only if it helps out of fold.
+--embeddings stacks embed.py's face embedding beside the models: a logistic regression from the embedding to
+gender and age band votes beside the models, with a weight (stacking.py); both fitted on other persons out of
+fold. Two ways are tried: each image's own embedding, and (with --group-shots) the embedding of the unmasked
+shot each image was grouped with; the better is applied if it beats the rule without it, out of fold.
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
 decision for every training image, out of fold (what train_*.py --pseudo reads). Seconds to a minute.
 """
@@ -25,6 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import log_softmax
 from tqdm import tqdm
 
+import stacking
 from common import InputError, class_id, load_crops, run_main, save_csv, save_json, split_class
 from rawdata import read_answers
 from scores import load_logprobs, macro_f1, save_logprobs, score_line, scores
@@ -42,6 +47,10 @@ parser.add_argument("--adjust-by", choices=["age", "class"], default="age",
                     help="one offset per age band, shared by mask and gender (3), or one per class (18)")  # fmt: skip
 parser.add_argument("--group-shots", action="store_true",
                     help="one gender and age for a person's shots, found by matching faces in --crops")  # fmt: skip
+parser.add_argument("--embeddings", default=None,
+                    help="embed.py's output: the face embedding votes on gender and age where it helps")  # fmt: skip
+parser.add_argument("--embedding-weight", type=float, default=stacking.WEIGHT,
+                    help="the embedding's vote beside the models' gender and age (1: as much as theirs)")  # fmt: skip
 parser.add_argument("--crops", default="WORK/crops", help="preprocess.py's output: the images --group-shots matches")
 parser.add_argument("--out", default="WORK/submission.csv", help="submission to write")
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans: score members and ensemble")
@@ -218,6 +227,29 @@ def assign_shots(sim):
     return matched, slot // per_anchor
 
 
+def load_embeddings(folder, split, ids):
+    """embed.py's (n, 128) embeddings of `ids`, in that order; one clear line if the file or an image is missing."""
+    path = Path(folder) / f"{split}.npz"
+    if not path.is_file():
+        raise InputError(f"--embeddings {folder}: no {split}.npz (run embed.py --crops WORK/crops --out {folder})")
+    with np.load(path, allow_pickle=False) as z:
+        row = pd.Series(np.arange(len(z["image_id"])), index=z["image_id"].astype(str))
+        embedding = z["embedding"]
+    missing = [i for i in ids if i not in row.index]
+    if missing:
+        raise InputError(f"{path}: no embedding for {len(missing)} image(s), e.g. {missing[0]} (embed.py --shots all)")
+    return embedding[row.loc[list(ids)].to_numpy()]
+
+
+def stack_input(way, views, embedding, groups):
+    """The embeddings that vote, and the views they vote beside. 'image': each image's own embedding and the
+    models' views; 'person': the embedding of the unmasked shot each image was grouped with, and the views
+    averaged over the group (a masked face's embedding knows less than its owner's bare one)."""
+    if way == "person":
+        return embedding[groups], grouped(views, groups)
+    return embedding, views
+
+
 def person_images(crops, split, ids):
     """The MATCH_SIZE copies of `ids`' crops, in that order."""
     index, cache = load_crops(crops, split, MATCH_SIZE)
@@ -327,6 +359,7 @@ def main():
             pred = predictions(views, args.per_task)
             return macro_f1(labels, pred), pred
 
+        plain, groups = combined, None
         if args.group_shots:
             groups = oof_groups(args.crops, oof_ids, combined["mask"].argmax(1) == 2)
             by_shots = grouped(combined, groups)
@@ -343,6 +376,27 @@ def main():
                   + (" (with the offsets, cross-validated)" if args.adjust else "")
                   + f"; {purity:.1%} of the shots grouped with their own person: "
                   + ("applied" if group_test else "not applied"))  # fmt: skip
+        stack = None
+        if args.embeddings:
+            train_embedding, target = load_embeddings(args.embeddings, "train", oof_ids), labels % stacking.GENDER_AGE
+            persons, tried = person_of(oof_ids), {}
+            for way in ("image", "person") if args.group_shots else ("image",):
+                embedding, base = stack_input(way, plain, train_embedding, groups)
+                model_ga = stacking.gender_age(base["label"])
+                emb_ga = stacking.out_of_fold(embedding, target, persons, seed=args.seed)  # fitted on other persons
+                views = stacking.with_gender_age(base, stacking.vote(model_ga, emb_ga, args.embedding_weight))
+                tried[way] = (rule(views), views, embedding)
+            before = rule_known or rule(combined)
+            best = max(tried, key=lambda way: tried[way][0][0])
+            if tried[best][0][0] > before[0]:  # the test set's: fitted on every person
+                stack = best, stacking.fit(tried[best][2], target)
+                combined, rule_known = tried[best][1], tried[best][0]
+            report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
+                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()})  # fmt: skip
+            print(f"embeddings: out-of-fold F1 {before[0]:.4f} -> "
+                  + ", ".join(f"{t[0][0]:.4f} ({way})" for way, t in tried.items())
+                  + (" (with the offsets, cross-validated)" if args.adjust else "")
+                  + (f": {best} applied" if stack else ": not applied"))  # fmt: skip
         oof_pred = predictions(combined, args.per_task)
         if args.adjust:
             plain = macro_f1(labels, oof_pred)  # (--adjust refuses --per-task: this is the joint argmax)
@@ -357,8 +411,11 @@ def main():
                   + ("applied" if applied else "not applied"))  # fmt: skip
         # the rule's decision for every training image, made without it: a second round's labels (--pseudo)
         save_csv(pd.DataFrame(dict(ImageID=oof_ids, ans=oof_pred)), out.with_name(out.stem + "_oof.csv"))
-    elif args.group_shots:
-        print("group shots: no out-of-fold predictions to check it on: not applied")
+    else:
+        stack = None
+        for flag, name in ((args.group_shots, "group shots"), (args.embeddings, "embeddings")):
+            if flag:
+                print(f"{name}: no out-of-fold predictions to check it on: not applied")
     for name, f, w in zip(names, oof_f1, weights):
         report["members"].append(dict(name=name, oof_macro_f1=None if f is None else round(f, 4), weight=round(w, 4)))
         print(f"  {name:24s} weight {w:.3f}" + ("" if f is None else f"  oof macro F1 {f:.4f}"))
@@ -368,10 +425,18 @@ def main():
 
     # ---- test predictions ----
     combined = combine(test_views, weights, args.method)
-    if group_test:
+    groups = None
+    if group_test or (stack and stack[0] == "person"):
         groups = shot_groups(person_images(args.crops, "eval", test_ids), combined["mask"].argmax(1) == 2)
-        combined = grouped(combined, groups)
         report["group_shots"]["test_groups"] = int(len(np.unique(groups)))
+    if stack:
+        way, stacker = stack
+        embedding, base = stack_input(way, combined, load_embeddings(args.embeddings, "eval", test_ids), groups)
+        embedding_ga = stacking.predict(stacker, embedding)
+        ga = stacking.vote(stacking.gender_age(base["label"]), embedding_ga, args.embedding_weight)
+        combined = stacking.with_gender_age(base, ga)
+    elif group_test:
+        combined = grouped(combined, groups)
     pred = predictions(combined, args.per_task, offsets)
     save_csv(pd.DataFrame(dict(ImageID=test_ids, ans=pred)), out)
     save_logprobs(out.with_name(out.stem + "_logits.npz"), test_ids, combined)

@@ -1,10 +1,15 @@
-"""stacking.py: out of fold never reads a person's own row or label; the views it returns are log-probabilities
-that keep the model's mask."""
+"""stacking.py and ensemble.py --embeddings: out of fold never reads a person's own row or label; the views it
+returns are log-probabilities that keep the model's mask; a real signal is applied, a planted leak is not."""
+
+import json
 
 import numpy as np
+import pandas as pd
+from conftest import run
 from scipy.special import log_softmax, logsumexp
 
 import stacking
+from scores import save_logprobs
 
 
 def persons_and_targets(n_persons=240, shots=7, seed=0):
@@ -56,15 +61,17 @@ def test_a_feature_that_only_names_the_person_does_not_leak_its_label():
     assert (oof.argmax(1) == target).mean() < 0.3  # chance is 1/6
 
 
-def test_a_real_signal_is_learned_out_of_fold():
+def test_a_real_signal_is_learned_out_of_fold_and_its_vote_moves_the_model():
     rng, persons, target = persons_and_targets()
-    embedding = np.eye(6)[target] + 0.5 * rng.normal(size=(len(persons), 6))  # knows the class, noisily
-    model_logp = log_softmax(rng.normal(size=(len(persons), 18)), axis=1)
-    x = stacking.features(np.hstack([embedding, rng.normal(size=(len(persons), 30))]), stacking.gender_age(model_logp))
-    assert x.shape == (len(persons), 42)
-    oof = stacking.out_of_fold(x, target, persons)
+    embedding = np.hstack([np.eye(6)[target] + 0.5 * rng.normal(size=(len(persons), 6)),  # knows the class, noisily
+                           rng.normal(size=(len(persons), 30))])  # fmt: skip
+    oof = stacking.out_of_fold(embedding, target, persons)
     assert np.allclose(logsumexp(oof, axis=1), 0, atol=1e-6)
     assert (oof.argmax(1) == target).mean() > 0.6
+    model = stacking.gender_age(log_softmax(rng.normal(size=(len(persons), 18)), axis=1))  # knows nothing
+    assert np.allclose(stacking.vote(model, oof, 0.0), model)
+    voted = stacking.vote(model, oof, 1.0)
+    assert np.allclose(logsumexp(voted, axis=1), 0) and (voted.argmax(1) == target).mean() > 0.5
 
 
 def test_views_keep_the_models_mask_and_take_the_stacked_gender_and_age():
@@ -94,3 +101,49 @@ def test_group_rows_finds_each_shots_anchor():
     groups = np.array([1, 1, 2, 2])  # each row's anchor row (ensemble.shot_groups)
     assert stacking.group_rows(ids, groups, np.array(["b/normal", "a/normal"])).tolist() == [1, 1, 0, 0]
     assert stacking.group_rows(ids, groups, np.array(["a/normal"])).tolist() == [0, 0, -1, -1]
+
+
+# ---- ensemble.py --embeddings through its command line, on hand-made logits and embeddings ----
+def ensemble_case(tmp_path, embedding_of):
+    """A run whose out-of-fold and test predictions know each image's mask and nothing of gender and age,
+    and embed.py's files with embedding_of(rng, person's (gender, age) class, person index) per image."""
+    rng = np.random.default_rng(3)
+    n_persons, n_test, shots = 240, 60, 3
+    ga = rng.integers(0, 6, n_persons + n_test)  # each person's gender * 3 + age band
+    label = np.repeat(ga, shots) + 6 * rng.integers(0, 3, len(ga) * shots)  # + the mask of each shot
+    ids = [f"{p:06d}/mask{k}" for p in range(n_persons) for k in range(1, shots + 1)]
+    ids += [f"t{p}_{k}.jpg" for p in range(n_test) for k in range(shots)]
+    mask = np.eye(3)[label // 6] * 4.0  # the model is sure of the mask, says nothing of the rest
+    logp = log_softmax(np.repeat(mask, 6, axis=1) + 0.3 * rng.normal(size=(len(label), 18)), axis=1)
+    views = dict(label=logp, mask=log_softmax(mask, axis=1), gender=np.log(np.full((len(label), 2), 0.5)),
+                 age=np.log(np.full((len(label), 3), 1 / 3)))  # fmt: skip
+    train, test = slice(0, n_persons * shots), slice(n_persons * shots, None)
+    save_logprobs(tmp_path / "run" / "fold0" / "oof.npz", ids[train], {k: v[train] for k, v in views.items()},
+                  label[train])  # fmt: skip
+    save_logprobs(tmp_path / "run" / "test_logits.npz", ids[test], {k: v[test] for k, v in views.items()})
+    pd.DataFrame(dict(ImageID=ids[test], ans=label[test])).to_csv(tmp_path / "answers.csv", index=False)
+    embedding = np.stack([embedding_of(rng, ga[i // shots], i // shots) for i in range(len(ids))]).astype(np.float32)
+    (tmp_path / "emb").mkdir()
+    for split, rows in (("train", train), ("eval", test)):  # embed.py's files, as ensemble.py reads them
+        np.savez(tmp_path / "emb" / f"{split}.npz", image_id=np.array(ids[rows]), embedding=embedding[rows])
+    out = tmp_path / "sub.csv"
+    run("ensemble.py", "--runs", tmp_path / "run", "--embeddings", tmp_path / "emb", "--out", out,
+        "--answers", tmp_path / "answers.csv")  # fmt: skip
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_ensemble_applies_an_embedding_that_knows_gender_and_age(tmp_path):
+    rep = ensemble_case(tmp_path, lambda rng, ga, person: np.eye(6)[ga] * 2 + rng.normal(size=6))
+    emb = rep["embeddings"]
+    assert emb["applied"] == "image" and emb["oof_f1_image"] > emb["oof_f1_without"] + 0.2
+    assert rep["test"]["gender_f1"] > 0.7 and rep["test"]["age_f1"] > 0.5  # the model alone: chance (0.5, 0.33)
+
+
+def test_ensemble_out_of_fold_does_not_read_a_persons_own_label(tmp_path):
+    """Each person's embedding is a random code of their own: fitted on a person's own rows the regression
+    learns the code -> label table (in-sample 1.0, test_a_feature_that_only_names...), so a stacker that read
+    its own person's label would score near 1 out of fold (the mask is known); out of fold by person it guesses."""
+    codes = np.random.default_rng(4).normal(size=(300, 128))
+    rep = ensemble_case(tmp_path, lambda rng, ga, person: codes[person] + 0.05 * rng.normal(size=128))
+    emb = rep["embeddings"]
+    assert emb["oof_f1_image"] < emb["oof_f1_without"] + 0.1 < 0.4
