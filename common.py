@@ -199,7 +199,7 @@ def keep_freed_memory(device="cpu"):
 
 
 # ---- the packed crops cache -------------------------------------------------------------------
-def load_crops(crops_dir, split, img_size):
+def load_crops(crops_dir, split, img_size=None):
     """Index of a split and its uint8 cache (N, img_size, img_size, 3) as a copy-on-write memory map
     (writable, so torch.from_numpy takes it as it is; a write stays in the process). A cache at another
     size is resized once and kept beside it (crops/<split>_u8_<size>.npy), so every later run and every
@@ -212,7 +212,7 @@ def load_crops(crops_dir, split, img_size):
     cache = np.load(cache_path, mmap_mode="c")
     if cache.shape[0] != len(index):
         raise InputError(f"{cache_path} has {cache.shape[0]} rows, {index_path} {len(index)}: rerun preprocess.py")
-    if cache.shape[1] != img_size:
+    if img_size is not None and cache.shape[1] != img_size:  # None: as preprocess.py made it
         sized = crops_dir / f"{split}_u8_{img_size}.npy"
         if not sized.is_file() or np.load(sized, mmap_mode="r").shape[0] != len(index):
             with atomic_path(sized) as tmp:

@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
-from common import InputError, atomic_path, positive_int, run_main, save_json
+from common import InputError, atomic_path, load_crops, positive_int, run_main, save_json
 
 MODEL_FILES = {
     "landmarks": "shape_predictor_5_face_landmarks.dat",
@@ -216,13 +215,8 @@ def finished_split(path, ids, settings, sources):
 # ---- one split -------------------------------------------------------------------
 def embed_split(split, args, models, pool):
     crops, out = Path(args.crops), Path(args.out)
-    index_path, cache_path = crops / f"{split}.csv", crops / f"{split}_u8.npy"
-    if not index_path.is_file() or not cache_path.is_file():
-        raise InputError(f"{index_path}: not found (run preprocess.py first)")
-    index = pd.read_csv(index_path, dtype={"person_id": str, "image_id": str}, keep_default_na=False)
-    cache = np.load(cache_path, mmap_mode="r")
-    if cache.shape[0] != len(index):
-        raise InputError(f"{cache_path} has {cache.shape[0]} rows, {index_path} {len(index)}: rerun preprocess.py")
+    index, cache = load_crops(crops, split)  # the crops at their own size; the workers map the same file
+    cache_path, index_path = crops / f"{split}_u8.npy", crops / f"{split}.csv"
     unmasked_only = args.shots == "unmasked" and split == "train"
     rows = np.flatnonzero(index["shot"].to_numpy() == "normal") if unmasked_only else np.arange(len(index))
     if len(rows) == 0:
