@@ -5,7 +5,7 @@
 For each crop of preprocess.py: dlib's HOG detector finds the face, its 5-point landmark model places the eyes
 and nose, dlib cuts the aligned 150 px chip, and dlib's face-recognition ResNet turns it into 128 numbers: run in
 torch (dlibnet.py, the same weights, batched: 10x faster than dlib's own call, equal to 1e-6), or with
---backend dlib by dlib.face_recognition_model_v1.compute_face_descriptor. Writes
+--backend dlib by dlib.face_recognition_model_v1.compute_face_descriptor (those steps: faceembed.py). Writes
 
     WORK/embeddings/train.npz, eval.npz   image_id, embedding (N, 128) float32, face_found, box (crop pixels),
                                           settings; eval.npz is written last: its presence means all is done
@@ -23,7 +23,6 @@ Parallel over --workers processes (one torch thread each). 2-core AMD EPYC, one 
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -34,11 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import InputError, atomic_path, load_crops, positive_int, run_main, save_json
-
-MODEL_FILES = {
-    "landmarks": "shape_predictor_5_face_landmarks.dat",
-    "resnet": "dlib_face_recognition_resnet_model_v1.dat",
-}
+from faceembed import GEOMETRY_BOX, embed_chips, face_chip, find_face, load_models, model_folder
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,82 +53,10 @@ parser.add_argument("--models", default=None, help="folder with dlib's .dat file
 parser.add_argument("--chunk", type=positive_int, default=64, help="crops per chunk: the unit a rerun keeps")
 parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="processes (1: run in this process)")
 
-# if HOG finds no face in the sample either: the face box preprocess.py's square implies (margin 0.6, lift 0.1)
-GEOMETRY_BOX = (0.1875, 0.25, 0.8125, 0.875)
 FALLBACK_SAMPLE = 400  # crops spread over the split that 'auto' runs HOG on
 
 
-# ---- dlib ------------------------------------------------------------------------
-def model_folder(folder=None):
-    """The folder holding dlib's .dat files; one clear line if dlib or the files are missing."""
-    if importlib.util.find_spec("dlib") is None:
-        raise InputError("dlib is not installed: pip install --no-deps -r requirements-nodeps.txt (dlib-bin)")
-    if folder is None:
-        # not `import face_recognition_models`: its __init__ needs pkg_resources, which new setuptools dropped
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or not spec.submodule_search_locations:
-            raise InputError("face-recognition-models is not installed: pip install --no-deps face-recognition-models")
-        folder = os.path.join(spec.submodule_search_locations[0], "models")
-    missing = [f for f in MODEL_FILES.values() if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise InputError(f"--models {folder}: {', '.join(missing)} not found")
-    return folder
-
-
-def load_models(folder, backend="torch"):
-    """dlib's detector and landmarks, and the ResNet: dlib's, or dlibnet's torch copy of it (converted once)."""
-    import dlib
-
-    models = dict(
-        detector=dlib.get_frontal_face_detector(),
-        landmarks=dlib.shape_predictor(os.path.join(folder, MODEL_FILES["landmarks"])),
-        backend=backend,
-    )
-    if backend == "torch":
-        from dlibnet import load_dlib_resnet
-
-        models["resnet"] = load_dlib_resnet(os.path.join(folder, MODEL_FILES["resnet"]))
-    else:
-        models["resnet"] = dlib.face_recognition_model_v1(os.path.join(folder, MODEL_FILES["resnet"]))
-    return models
-
-
-def find_face(models, rgb, upsample=0):
-    """HOG's face box (x0, y0, x1, y1) in pixels, or None. Several faces: the largest."""
-    found = models["detector"](rgb, upsample)
-    if len(found) == 0:
-        return None
-    r = max(found, key=lambda r: r.width() * r.height())
-    return np.array([r.left(), r.top(), r.right(), r.bottom()])
-
-
-def face_chip(models, rgb, box):
-    """dlib's aligned 150 px chip of the face in `box` (pixels): the 5 landmarks placed in the box, then
-    dlib.get_face_chip as compute_face_descriptor cuts it (padding 0.25)."""
-    import dlib
-
-    shape = models["landmarks"](rgb, dlib.rectangle(*(int(round(v)) for v in box)))
-    return dlib.get_face_chip(rgb, shape, size=150, padding=0.25)
-
-
-def embed_chips(models, chips, jitters=0):
-    """(n, 150, 150, 3) uint8 chips -> (n, 128) float32 embeddings."""
-    if models["backend"] == "torch":
-        import torch
-
-        from dlibnet import chips_to_tensor
-
-        with torch.no_grad():
-            return models["resnet"](chips_to_tensor(chips)).numpy()
-    out = models["resnet"].compute_face_descriptor([np.ascontiguousarray(c) for c in chips], jitters)
-    return np.array([np.asarray(e) for e in out], dtype=np.float32)
-
-
-def embed_face(models, rgb, box, jitters=0):
-    """The 128-d embedding of the face in `box` (pixels) of one RGB crop."""
-    return embed_chips(models, face_chip(models, rgb, box)[None], jitters)[0]
-
-
+# ---- the fallback box ----------------------------------------------------------------
 def fallback_box(models, cache, rows, upsample):
     """The median HOG box (fractions of the side) over up to FALLBACK_SAMPLE crops spread over `rows`."""
     sample = rows[np.linspace(0, len(rows) - 1, min(FALLBACK_SAMPLE, len(rows))).round().astype(int)]

@@ -15,7 +15,9 @@ gender and age band votes beside the models, with a weight (stacking.py); both f
 fold. Two ways are tried: each image's own embedding, and (with --group-shots) the embedding of the unmasked
 shot each image was grouped with; the better is applied if it beats the rule without it, out of fold.
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
-decision for every training image, out of fold (what train_*.py --pseudo reads). Seconds to a minute.
+decision for every training image, out of fold (what train_*.py --pseudo reads); with --embeddings,
+_embedding.npz: the image way's stacker fitted on every training image, applied or not, with its out-of-fold F1
+(what inference.py --image --embedding reads). Seconds to a minute.
 """
 
 import argparse
@@ -391,8 +393,14 @@ def main():
             if tried[best][0][0] > before[0]:  # the test set's: fitted on every person
                 stack = best, stacking.fit(tried[best][2], target)
                 combined, rule_known = tried[best][1], tried[best][0]
+            # one photo has its own face only: the image way, fitted on every training image, for inference.py
+            saved = out.with_name(out.stem + "_embedding.npz")
+            image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
+            stacking.save_stacker(saved, image_stacker, args.embedding_weight, oof_f1_with=tried["image"][0][0],
+                                  oof_f1_without=before[0])  # fmt: skip
             report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
-                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()})  # fmt: skip
+                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()},
+                                        stacker=str(saved))  # fmt: skip
             print(f"embeddings: out-of-fold F1 {before[0]:.4f} -> "
                   + ", ".join(f"{t[0][0]:.4f} ({way})" for way, t in tried.items())
                   + (" (with the offsets, cross-validated)" if args.adjust else "")

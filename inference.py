@@ -2,12 +2,14 @@
 or single photos.
 
     python inference.py --run WORK/runs/single --crops WORK/crops --tta flip --answers DATA/eval/answers.csv
-    python inference.py --run WORK/runs/single --image photo1.jpg photo2.png
+    python inference.py --run WORK/runs/single --image photo1.jpg photo2.png [--embedding WORK/submission_embedding.npz]
 
 Writes RUN/test_logits.npz (image ids, 18-class and per-task log-probabilities) and
 RUN/submission.csv (ImageID,ans in info.csv order). With --answers: RUN/scores.json, a per-class
 F1 table, RUN/test_confusion.png, and the score line as the last line printed. --embed draws a
 t-SNE of the penultimate features coloured by age band (RUN/embed.png).
+--image with --embedding: dlib's face embedding of the photo's crop (faceembed.py) votes on gender and age beside
+the run's models, through the stacker ensemble.py --embeddings saved (stacking.py), as it did for the eval set.
 Every setting the model needs (backbone, image size, heads) comes from its checkpoint.
 2-core CPU: the 2,100 bench eval images x 5 folds with flip TTA in about 4 minutes at 128 px.
 """
@@ -19,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import faceembed
+import stacking
 from batches import gather, normalise
 from common import (
     InputError,
@@ -45,15 +49,22 @@ parser.add_argument("--crops", default="WORK/crops", help="preprocess.py output 
 parser.add_argument("--tta", choices=["none", "flip", "flip+shift"], default="flip", help="test-time augmentation")
 parser.add_argument("--answers", default=None, help="CSV with ImageID,ans (extra columns allowed): score against it")
 parser.add_argument("--image", nargs="+", default=None, help="predict these photos instead of the eval set")
+parser.add_argument(
+    "--embedding",
+    default=None,
+    help="the ensemble's _embedding.npz: dlib's embedding of the photo votes on gender and age",
+)
 parser.add_argument("--embed", action="store_true", help="t-SNE plot of penultimate features (RUN/embed.png)")
 parser.add_argument("--use-folds", default="all", help="folds to average: all, cv (not full), or e.g. 0,1,2,3,4,full")
 parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
 
 
-def predict_images(paths, models, env, crops_dir, tta):
-    """--image: prepare each photo as preprocess.py did (its settings from a crop's PNG), predict, print."""
+def predict_images(paths, models, env, crops_dir, tta, stacker=None):
+    """--image: prepare each photo as preprocess.py did (its settings from a crop's PNG), predict, print.
+    With a stacker (--embedding), the embedding of the crop votes on gender and age beside the models."""
     settings, _ = crop_settings(crops_dir)
+    face_models = faceembed.load_models(faceembed.model_folder()) if stacker else None
     detector = face_detector()
     bg = background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
     size = models[0].cfg.img_size
@@ -63,18 +74,26 @@ def predict_images(paths, models, env, crops_dir, tta):
             raise InputError(f"{path}: {err}")
         crop, info = prepare_face(rgb, detector, bg, settings["size"], settings["margin"], settings["detect_size"],
                                   settings["min_conf"], settings["bg_context"])  # fmt: skip
-        crop = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), size)
-        images = torch.from_numpy(crop[None].copy())
+        small = crop_square(crop, (0, 0, crop.shape[1], crop.shape[0]), size)
+        images = torch.from_numpy(small[None].copy())
         views = average_views(
             [predict(m, images, torch.arange(1), env, mean, std, 1, tta) for _, m, mean, std, _ in models]
         )
+        vote = ""
+        if stacker:  # embedded at the crops' own size, as embed.py embedded the run's crops
+            embedding, found = faceembed.embed_photo(face_models, crop)
+            weight = float(stacker["weight"])
+            ga = stacking.vote(stacking.gender_age(views["label"]), stacking.predict_saved(stacker, embedding[None]),
+                               weight)  # fmt: skip
+            views = stacking.with_gender_age(views, ga)
+            vote = f" | embedding voted (weight {weight:g}, " + ("HOG face)" if found else "no HOG face: fixed box)")
         p = {k: np.exp(v[0]) for k, v in views.items()}
         c = int(p["label"].argmax())
         m, g, a = split_class(c)
         face = "face found" if info["face_found"] else "no face found: fallback crop"
         mask, gender, age = ("wear", "incorrect", "not wear")[m], ("male", "female")[g], ("<30", "30-59", ">=60")[a]
         print(f"{path}: class {c} ({class_name(c)}) p={p['label'][c]:.2f} | mask {mask} {p['mask'][m]:.2f}, "
-              f"gender {gender} {p['gender'][g]:.2f}, age {age} {p['age'][a]:.2f} | {face}")  # fmt: skip
+              f"gender {gender} {p['gender'][g]:.2f}, age {age} {p['age'][a]:.2f} | {face}{vote}")  # fmt: skip
 
 
 def embed_plot(models, images, rows, env, true_band, path):
@@ -105,6 +124,14 @@ def embed_plot(models, images, rows, env, true_band, path):
 
 def main():
     args = parser.parse_args()
+    stacker = None
+    if args.embedding:  # before the models load: a missing file or dlib fails in one line, at once
+        if not args.image:
+            raise InputError("--embedding votes on --image photos (the eval set's: ensemble.py --embeddings)")
+        if not Path(args.embedding).is_file():
+            raise InputError(f"--embedding {args.embedding}: not found (ensemble.py --embeddings writes it)")
+        stacker = stacking.load_stacker(args.embedding)
+        faceembed.model_folder()
     env = make_env(precision=args.precision)
     keep_freed_memory(env.device)  # batches of 256 without page faults: 2x the images/s on CPU
     run = Path(args.run)
@@ -113,7 +140,7 @@ def main():
     print(f"{run}: {len(models)} model(s) ({', '.join(m.name for m in models)}), {models[0].cfg.backbone} "
           f"at {img_size} px, tta {args.tta}")  # fmt: skip
     if args.image:
-        predict_images(args.image, models, env, args.crops, args.tta)
+        predict_images(args.image, models, env, args.crops, args.tta, stacker)
         return
 
     # ---- predict the eval set ----

@@ -12,10 +12,16 @@ other persons (out_of_fold's `fit_fn` argument makes that testable). A vote, not
 [embedding, model]: such a regression learns how much to trust one fold's model, and the test set's models
 (five folds and a full one, averaged) deserve more. Out of fold on the bench the vote scored 0.607 and the
 regression 0.585 (the rule's macro F1; 0.545 without the embedding), EXPERIMENTS.md. Seconds on 9,100 images.
+ensemble.py also saves the stacker fitted on every training image as plain arrays (save_stacker), for
+inference.py --image --embedding (load_stacker, predict_saved: predict's numbers without sklearn's pickle).
 """
 
+import zipfile
+
 import numpy as np
-from scipy.special import log_softmax, logsumexp
+from scipy.special import log_softmax, logsumexp, softmax
+
+from common import InputError, atomic_path
 
 GENDER_AGE = 6  # the stacked target: gender * 3 + age_band, the 18-class label modulo 6
 C = 0.03  # the logistic regression's inverse regularisation, chosen out of fold on the bench train split
@@ -43,9 +49,45 @@ def fit(x, target, c=C):
 
 def predict(model, x):
     """(n, 6) log-probabilities; a class no fitted row had gets a floor of log 1e-6."""
-    logp = np.full((len(x), GENDER_AGE), np.log(1e-6))
-    logp[:, model.classes_] = np.log(np.clip(model.predict_proba(x), 1e-6, None))
+    return floored(model.predict_proba(x), model.classes_)
+
+
+def floored(proba, classes):
+    """(n, k) probabilities of `classes` -> (n, 6) log-probabilities, log 1e-6 for a class not among them."""
+    logp = np.full((len(proba), GENDER_AGE), np.log(1e-6))
+    logp[:, classes] = np.log(np.clip(proba, 1e-6, None))
     return log_softmax(logp, axis=1)
+
+
+def save_stacker(path, model, weight, **info):
+    """fit()'s model as plain arrays (no pickle to trust), its vote's weight, and `info` (numbers, strings)."""
+    scaler, regression = model[0], model[-1]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mean=scaler.mean_, scale=scaler.scale_, coef=regression.coef_,
+                     intercept=regression.intercept_, classes=regression.classes_, weight=weight, **info)  # fmt: skip
+
+
+def load_stacker(path):
+    """save_stacker's file as a dict of arrays, for predict_saved(); one clear line if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            saved = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise InputError(f"{path}: not a stacker file (ensemble.py --embeddings writes OUT_embedding.npz)") from None
+    missing = {"mean", "scale", "coef", "intercept", "classes", "weight"} - set(saved)
+    if missing:
+        raise InputError(f"{path}: not a stacker file, no {', '.join(sorted(missing))}")
+    return saved
+
+
+def predict_saved(saved, x):
+    """predict() of a saved stacker, from its arrays: standardise, the regression's softmax, the same floor."""
+    z = (np.asarray(x, np.float64) - saved["mean"]) / saved["scale"]
+    logits = z @ saved["coef"].T + saved["intercept"]
+    if logits.shape[1] == 1:  # two classes: sklearn keeps one row of coefficients, for the second class
+        logits = np.hstack([np.zeros_like(logits), logits])
+    return floored(softmax(logits, axis=1), saved["classes"])
 
 
 def person_folds(persons, n_splits=5, seed=0):

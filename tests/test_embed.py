@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 dlib = pytest.importorskip("dlib")
-from embed import MODEL_FILES, model_folder  # noqa: E402  (after the skip: embed needs dlib's models)
+from faceembed import MODEL_FILES, model_folder  # noqa: E402  (after the skip: it needs dlib's models)
 
 PERSONS = ("000001_female_White_47", "000002_male_White_35", "000003_female_Asian_61")
 

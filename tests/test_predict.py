@@ -1,6 +1,7 @@
 """inference.py and ensemble.py through their command lines, on hand-made logits and tiny runs."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -198,6 +199,33 @@ def test_inference_on_single_photos(tiny_run, demo_data):
     photo = sorted((demo_data / "eval" / "images").iterdir())[0]
     proc = run("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--image", photo)
     assert "class" in last_line(proc.stdout) and "mask" in last_line(proc.stdout) and "age" in last_line(proc.stdout)
+
+
+@pytest.mark.trains
+def test_the_face_embedding_votes_on_a_photos_gender_and_age(tiny_run, tmp_path):
+    pytest.importorskip("dlib")
+    from PIL import Image
+    from skimage import data
+
+    import stacking
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(photo, quality=95)
+    # a stacker sure of (female, 30-59) whatever the face: fitted on noise, nearly all of it labelled 4
+    rng = np.random.default_rng(0)
+    target = np.where(rng.random(600) < 0.95, 4, rng.integers(0, 6, 600))
+    stacker = tmp_path / "sub_embedding.npz"
+    stacking.save_stacker(stacker, stacking.fit(rng.normal(size=(600, 128)), target), 2.0)
+    args = ("inference.py", "--run", tiny_run / "run", "--crops", tiny_run / "crops", "--image", photo)
+    without = last_line(run(*args).stdout)
+    voted = last_line(run(*args, "--embedding", stacker).stdout)
+    gender_age = lambda line: re.search(r"gender (\S+) ([\d.]+), age (\S+) ([\d.]+)", line).groups()
+    assert voted.startswith(f"{photo}: class ") and gender_age(voted) != gender_age(without)
+    assert gender_age(voted)[::2] == ("female", "30-59") and "embedding voted" not in without
+    assert "embedding voted (weight 2, no HOG face: fixed box)" in voted  # a 48 px crop: too small for HOG's window
+
+    proc = run(*args, "--embedding", tmp_path / "none.npz", check=False)
+    assert proc.returncode == 2 and "none.npz: not found" in last_line(proc.stderr) and "Traceback" not in proc.stderr
 
 
 @pytest.mark.trains

@@ -147,3 +147,20 @@ def test_ensemble_out_of_fold_does_not_read_a_persons_own_label(tmp_path):
     rep = ensemble_case(tmp_path, lambda rng, ga, person: codes[person] + 0.05 * rng.normal(size=128))
     emb = rep["embeddings"]
     assert emb["oof_f1_image"] < emb["oof_f1_without"] + 0.1 < 0.4
+
+
+def test_ensemble_saves_the_image_stacker_as_plain_arrays_that_predict_as_a_refit(tmp_path):
+    rep = ensemble_case(tmp_path, lambda rng, ga, person: np.eye(6)[ga] * 2 + rng.normal(size=6))
+    path = tmp_path / "sub_embedding.npz"
+    assert rep["embeddings"]["stacker"] == str(path)
+    saved = stacking.load_stacker(path)  # (np.load without pickle: plain arrays only)
+    assert float(saved["weight"]) == stacking.WEIGHT
+    assert round(float(saved["oof_f1_with"]), 4) == rep["embeddings"]["oof_f1_image"]
+    assert round(float(saved["oof_f1_without"]), 4) == rep["embeddings"]["oof_f1_without"]
+    # the same fit on every training image, by hand: its predictions on the test embeddings, to 1e-6
+    train, test = np.load(tmp_path / "emb" / "train.npz"), np.load(tmp_path / "emb" / "eval.npz")
+    oof = np.load(tmp_path / "run" / "fold0" / "oof.npz")
+    assert oof["image_id"].tolist() == train["image_id"].tolist()
+    refit = stacking.fit(train["embedding"], oof["label"] % stacking.GENDER_AGE)
+    expected = stacking.predict(refit, test["embedding"])
+    assert np.abs(stacking.predict_saved(saved, test["embedding"]) - expected).max() < 1e-6
