@@ -21,6 +21,7 @@ _embedding.npz: the image way's stacker fitted on every training image, applied 
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import log_softmax
 from tqdm import tqdm
 
+import faceembed
 import stacking
 from common import InputError, class_id, load_crops, run_main, save_csv, save_json, split_class
 from rawdata import read_answers
@@ -243,6 +245,13 @@ def load_embeddings(folder, split, ids):
     return embedding[row.loc[list(ids)].to_numpy()]
 
 
+def fallback_box(folder):
+    """The box embed.py gave the training crops where HOG found no face, for one photo to get the same."""
+    with np.load(Path(folder) / "train.npz", allow_pickle=False) as z:
+        settings = json.loads(str(z["settings"])) if "settings" in z.files else {}
+    return np.array(settings.get("fallback_box", faceembed.GEOMETRY_BOX), dtype=np.float64)
+
+
 def stack_input(way, views, embedding, groups):
     """The embeddings that vote, and the views they vote beside. 'image': each image's own embedding and the
     models' views; 'person': the embedding of the unmasked shot each image was grouped with, and the views
@@ -397,7 +406,7 @@ def main():
             saved = out.with_name(out.stem + "_embedding.npz")
             image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
             stacking.save_stacker(saved, image_stacker, args.embedding_weight, oof_f1_with=tried["image"][0][0],
-                                  oof_f1_without=before[0])  # fmt: skip
+                                  oof_f1_without=before[0], fallback_box=fallback_box(args.embeddings))  # fmt: skip
             report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
                                         **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()},
                                         stacker=str(saved))  # fmt: skip

@@ -81,7 +81,8 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
         )
         vote = ""
         if stacker:  # embedded at the crops' own size, as embed.py embedded the run's crops
-            embedding, found = faceembed.embed_photo(face_models, crop)
+            box = stacker.get("fallback_box", faceembed.GEOMETRY_BOX)  # as embed.py framed the training crops
+            embedding, found = faceembed.embed_photo(face_models, crop, fallback_box=box)
             weight = float(stacker["weight"])
             ga = stacking.vote(stacking.gender_age(views["label"]), stacking.predict_saved(stacker, embedding[None]),
                                weight)  # fmt: skip
