@@ -226,7 +226,8 @@ demo: WORK/demo/data/eval/answers.csv
 RUN ?= $(WORK)/runs/single
 PORT ?= 8000
 serve: $(STAMP)
-	$(PY) serve.py --run $(RUN) --crops $(WORK)/crops --port $(PORT)
+	$(PY) serve.py --run $(RUN) --crops $(WORK)/crops --port $(PORT) \
+		$(if $(wildcard $(WORK)/submission_embedding.npz),--embedding $(WORK)/submission_embedding.npz)
 
 BENCH_DATA ?= ../shared/bench/utkmask
 BENCH_WORK ?= WORK/bench

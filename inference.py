@@ -83,11 +83,10 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
         if stacker:  # embedded at the crops' own size, as embed.py embedded the run's crops
             box = stacker.get("fallback_box", faceembed.GEOMETRY_BOX)  # as embed.py framed the training crops
             embedding, found = faceembed.embed_photo(face_models, crop, fallback_box=box)
-            weight = float(stacker["weight"])
-            ga = stacking.vote(stacking.gender_age(views["label"]), stacking.predict_saved(stacker, embedding[None]),
-                               weight)  # fmt: skip
-            views = stacking.with_gender_age(views, ga)
-            vote = f" | embedding voted (weight {weight:g}, " + ("HOG face)" if found else "no HOG face: fixed box)")
+            views = stacking.vote_saved(stacker, views, embedding)
+            vote = f" | embedding voted (weight {float(stacker['weight']):g}, " + (
+                "HOG face)" if found else "no HOG face: fixed box)"
+            )
         p = {k: np.exp(v[0]) for k, v in views.items()}
         c = int(p["label"].argmax())
         m, g, a = split_class(c)

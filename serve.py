@@ -15,6 +15,8 @@ change rewrites RUN/relabel_draft.csv (atomically) in relabel.csv's format, id,f
 Safe on a shared machine: listens on 127.0.0.1 only (--host to change), refuses uploads over
 --max-upload-mb before reading past the limit, decodes them in memory (nothing written to disk), and
 never uses a client's file name. Other users of the same machine can still reach 127.0.0.1.
+--embedding WORK/submission_embedding.npz (make serve passes it when it exists): dlib's face embedding votes on
+gender and age as in ensemble.py (stacking.py).
 2-core AMD EPYC (shared), 6 tf_efficientnet_lite0 models at 128 px, flip TTA: 2.2 photos/s, p95 0.48 s with one
 client (face crop 0.18 s, models 0.14 s, heat map 0.08 s); RSS flat at 1.4 GB (bench/serve_bench.py).
 """
@@ -35,6 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import faceembed
+import stacking
 from batches import standardise, to_float
 from common import (
     AGE_BANDS,
@@ -74,6 +78,8 @@ parser.add_argument("--audit-persons", type=positive_int, default=100, help="aud
 parser.add_argument("--relabel", default=str(HERE / "relabel.csv"), help="fixes the crops were made with (they "
                     "head the draft, so the draft can replace them), or none")  # fmt: skip
 parser.add_argument("--draft", default=None, help="relabel draft the audit page writes (default RUN/relabel_draft.csv)")
+parser.add_argument("--embedding", default=None, help="ensemble.py's _embedding.npz: dlib's embedding of the photo "
+                    "votes on gender and age, as inference.py --image --embedding")  # fmt: skip
 parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
 parser.add_argument("--threads", type=positive_int, default=1, help="torch threads: one photo gains little from "
                     "more, and on a busy machine threads waiting on each other cost 10x (measured)")  # fmt: skip
@@ -93,6 +99,8 @@ def load_state(args, run, crops, env):
     s = state.settings
     state.bg = background_remover(s["bg_model"], s["bg_size"]) if s["bg"] == "rembg" else None
     state.max_upload = int(args.max_upload_mb * 2**20)
+    state.stacker = stacking.load_stacker(args.embedding) if args.embedding else None
+    state.face_models = faceembed.load_models(faceembed.model_folder()) if args.embedding else None
     state.audit = load_audit(run, crops, args.min_conf, args.audit_persons)
     draft_path = Path(args.draft) if args.draft else run / "relabel_draft.csv"
     state.draft = Draft(draft_path, None if args.relabel == "none" else Path(args.relabel))
@@ -177,6 +185,9 @@ def predict_photo(state, data):
     images = torch.from_numpy(small[None].copy())
     views = average_views([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
                      for m in state.models])  # fmt: skip
+    if state.stacker:  # the face embedding's vote on gender and age, framed as embed.py framed the training crops
+        box = state.stacker.get("fallback_box", faceembed.GEOMETRY_BOX)
+        views = stacking.vote_saved(state.stacker, views, faceembed.embed_photo(state.face_models, crop, 0, box)[0])
     p = {k: np.exp(v[0]) for k, v in views.items()}
     cls = int(p["label"].argmax())
     t2 = time.perf_counter()

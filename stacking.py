@@ -108,6 +108,13 @@ def out_of_fold(x, target, persons, fit_fn=fit, n_splits=5, seed=0):
     return logp
 
 
+def vote_saved(saved, views, embedding):
+    """One photo's views (inference.py --image, serve.py) with a saved stacker's vote on gender and age;
+    `embedding`: the photo's (128,) embedding."""
+    ga = vote(gender_age(views["label"]), predict_saved(saved, np.asarray(embedding)[None]), float(saved["weight"]))
+    return with_gender_age(views, ga)
+
+
 def with_gender_age(views, gender_age_logp):
     """A logits dict (label 18, mask 3, gender 2, age 3) with (gender, age band) replaced by `gender_age_logp`:
     label = the model's mask + the stacked (gender, age); gender and age views are its marginals."""
