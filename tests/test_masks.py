@@ -119,6 +119,7 @@ def tiny_single(demo_data, tmp_path_factory):
     return work
 
 
+@pytest.mark.trains
 def test_mask_check_scores_a_tiny_run_on_the_held_out_masks(tiny_single, tmp_path):
     astronaut_eval(tmp_path / "data", ("plain", "mirrored", "shifted"))
     heldout = tmp_path / "heldout"

@@ -334,8 +334,9 @@ def test_shot_groups_finds_each_persons_shots_in_real_photos():
     assert (groups[unmasked[shuffle]] == np.flatnonzero(unmasked[shuffle])).all()
 
 
-def grouping_case(tmp_path, same_top):
-    """A crops folder of photo 'persons' and a member whose gender x age is right on only 4 of 7 shots."""
+def grouping_case(tmp_path, same_top, twins=False):
+    """A crops folder of photo 'persons' and a member whose gender x age is right on only 4 of 7 shots.
+    twins: persons 2i and 2i+1 have the same shots and the same gender x age, so the matcher mixes them up."""
     rng = np.random.default_rng(1)
     crops = tmp_path / "crops"
     crops.mkdir()
@@ -343,6 +344,9 @@ def grouping_case(tmp_path, same_top):
     for split, n_persons in (("train", 24), ("eval", 12)):
         persons = photo_persons(n_persons, rng, same_top)
         gender_age = rng.integers(0, 6, n_persons)
+        if twins:
+            persons = [persons[p - p % 2] for p in range(n_persons)]
+            gender_age = gender_age[np.arange(n_persons) // 2 * 2]
         ids = [f"{p:06d}/shot{k}" if split == "train" else f"{p:06d}{k}.jpg" for p in range(n_persons)
                for k in range(7)]  # fmt: skip
         label = np.array([[0] * 5 + [1, 2]] * n_persons).ravel() * 6 + np.repeat(gender_age, 7)
@@ -350,7 +354,7 @@ def grouping_case(tmp_path, same_top):
         for i, lab in enumerate(label):
             wrong = (lab % 6 + 1 + rng.integers(0, 5)) % 6 + lab // 6 * 6  # same mask, another gender x age
             probs[i, lab], probs[i, wrong] = (0.5, 0.3) if i % 7 in (0, 2, 4, 6) else (0.3, 0.5)
-        order = rng.permutation(len(ids)) if split == "eval" else np.arange(len(ids))
+        order = rng.permutation(len(ids)) if split == "eval" or twins else np.arange(len(ids))  # twins: random ties
         ids, label, probs = np.array(ids)[order], label[order], probs[order]
         images = np.stack([s for shots in persons for s in shots])[order]
         pd.DataFrame(dict(image_id=ids)).to_csv(crops / f"{split}.csv", index=False)
@@ -370,6 +374,15 @@ def test_group_shots_gives_a_persons_shots_one_gender_and_age(tmp_path):
     assert group["oof_with_own_person"] == 1.0 and group["test_groups"] == 12
     sub = pd.read_csv(out).set_index("ImageID").loc[test_ids]
     assert (sub["ans"].to_numpy() == test_label).all()  # 3 of 7 shots were wrong before, each person's now right
+
+
+def test_group_shots_is_left_out_where_the_matcher_mixes_persons_up_even_if_it_helps(tmp_path):
+    crops, member, _, _ = grouping_case(tmp_path, same_top=True, twins=True)  # twins: grouping is right by luck
+    out = tmp_path / "sub.csv"
+    proc = run("ensemble.py", "--runs", member, "--group-shots", "--crops", crops, "--out", out)
+    group = report(out)["group_shots"]
+    assert group["oof_f1_with"] > group["oof_f1_without"] and group["oof_with_own_person"] < 0.9
+    assert not group["applied"] and "not applied (under 90%)" in proc.stdout
 
 
 def test_group_shots_is_left_out_where_it_does_not_help(tmp_path):
