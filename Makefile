@@ -123,7 +123,7 @@ test: lint
 	$(PY) -m pytest -q
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not trains"
+	$(PY) -m pytest -q -m "not trains" -n 2
 
 # Each stage's flags are recorded in a file while make reads this Makefile, rewritten only when they change,
 # so the file's date says when they last changed: change one model's flags and only that model retrains.
