@@ -155,13 +155,10 @@ def person_of(ids):
 
 def person_folds(ids, n_splits, seed):
     """(fit, check) row indices of the out-of-fold images, folds by person."""
-    from sklearn.model_selection import GroupKFold
-
     persons = person_of(ids)
-    n_splits = min(n_splits, len(set(persons)))
-    if n_splits < 2:
+    if len(set(persons)) < 2:
         raise InputError("the out-of-fold predictions cover one person: too few to cross-validate on")
-    return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(persons, groups=persons))
+    return stacking.person_folds(persons, n_splits, seed)
 
 
 def offsets_cv(logp, labels, ids, shared_by, seed):
@@ -371,12 +368,11 @@ def main():
             pred = predictions(views, args.per_task)
             return macro_f1(labels, pred), pred
 
-        plain, groups = combined, None
+        plain, groups, persons = combined, None, person_of(oof_ids)
         if args.group_shots:
             groups = oof_groups(args.crops, oof_ids, combined["mask"].argmax(1) == 2)
             by_shots = grouped(combined, groups)
             without, with_groups = rule(combined), rule(by_shots)
-            persons = person_of(oof_ids)
             purity = float(np.mean(persons == persons[groups]))
             # a matcher that mixes persons up (drawn faces alike) can still win on a few out-of-fold images by luck
             matcher_ok = purity >= MIN_PURITY
@@ -394,12 +390,11 @@ def main():
         stack = None
         if args.embeddings:
             train_embedding, target = load_embeddings(args.embeddings, "train", oof_ids), labels % stacking.GENDER_AGE
-            persons, tried = person_of(oof_ids), {}
+            tried = {}
             for way in ("image", "person") if args.group_shots and matcher_ok else ("image",):
                 embedding, base = stack_input(way, plain, train_embedding, groups)
-                model_ga = stacking.gender_age(base["label"])
                 emb_ga = stacking.out_of_fold(embedding, target, persons, seed=args.seed)  # fitted on other persons
-                views = stacking.with_gender_age(base, stacking.vote(model_ga, emb_ga, args.embedding_weight))
+                views = stacking.voted(base, emb_ga, args.embedding_weight)
                 tried[way] = (rule(views), views, embedding)
             before = rule_known or rule(combined)
             best = max(tried, key=lambda way: tried[way][0][0])
@@ -453,9 +448,7 @@ def main():
     if stack:
         way, stacker = stack
         embedding, base = stack_input(way, combined, load_embeddings(args.embeddings, "eval", test_ids), groups)
-        embedding_ga = stacking.predict(stacker, embedding)
-        ga = stacking.vote(stacking.gender_age(base["label"]), embedding_ga, args.embedding_weight)
-        combined = stacking.with_gender_age(base, ga)
+        combined = stacking.voted(base, stacking.predict(stacker, embedding), args.embedding_weight)
     elif group_test:
         combined = grouped(combined, groups)
     pred = predictions(combined, args.per_task, offsets)

@@ -80,10 +80,8 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
             [predict(m, images, torch.arange(1), env, mean, std, 1, tta) for _, m, mean, std, _ in models]
         )
         vote = ""
-        if stacker:  # embedded at the crops' own size, as embed.py embedded the run's crops
-            box = stacker.get("fallback_box", faceembed.GEOMETRY_BOX)  # as embed.py framed the training crops
-            embedding, found = faceembed.embed_photo(face_models, crop, fallback_box=box)
-            views = stacking.vote_saved(stacker, views, embedding)
+        if stacker:
+            views, found = stacking.vote_on_photo(stacker, face_models, views, crop)
             vote = f" | embedding voted (weight {float(stacker['weight']):g}, " + (
                 "HOG face)" if found else "no HOG face: fixed box)"
             )

@@ -186,9 +186,8 @@ def predict_photo(state, data):
     views = average_views([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
                      for m in state.models])  # fmt: skip
     models_cls = int(views["label"][0].argmax())  # the heat map's class: the models' own answer, before any vote
-    if state.stacker:  # the face embedding's vote on gender and age, framed as embed.py framed the training crops
-        box = state.stacker.get("fallback_box", faceembed.GEOMETRY_BOX)
-        views = stacking.vote_saved(state.stacker, views, faceembed.embed_photo(state.face_models, crop, 0, box)[0])
+    if state.stacker:  # the face embedding's vote on gender and age
+        views = stacking.vote_on_photo(state.stacker, state.face_models, views, crop)[0]
     p = {k: np.exp(v[0]) for k, v in views.items()}
     cls = int(p["label"].argmax())
     t2 = time.perf_counter()

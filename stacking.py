@@ -108,11 +108,20 @@ def out_of_fold(x, target, persons, fit_fn=fit, n_splits=5, seed=0):
     return logp
 
 
-def vote_saved(saved, views, embedding):
-    """One photo's views (inference.py --image, serve.py) with a saved stacker's vote on gender and age;
-    `embedding`: the photo's (128,) embedding."""
-    ga = vote(gender_age(views["label"]), predict_saved(saved, np.asarray(embedding)[None]), float(saved["weight"]))
-    return with_gender_age(views, ga)
+def voted(views, embedding_logp, weight=WEIGHT):
+    """A logits dict with the embedding's (n, 6) vote on gender and age added beside the views' own."""
+    return with_gender_age(views, vote(gender_age(views["label"]), embedding_logp, weight))
+
+
+def vote_on_photo(saved, face_models, views, crop):
+    """One photo's views (inference.py --image, serve.py) with a saved stacker's vote: the crop embedded at the
+    crops' own size, framed as embed.py framed the training crops where HOG finds no face. Returns (views, HOG
+    found the face)."""
+    import faceembed
+
+    box = saved.get("fallback_box", faceembed.GEOMETRY_BOX)
+    embedding, found = faceembed.embed_photo(face_models, crop, fallback_box=box)
+    return voted(views, predict_saved(saved, embedding[None]), float(saved["weight"])), found
 
 
 def with_gender_age(views, gender_age_logp):
@@ -123,10 +132,3 @@ def with_gender_age(views, gender_age_logp):
     label = (mask[:, :, None] + ga[:, None, :]).reshape(-1, 18)
     by_gender = ga.reshape(-1, 2, 3)
     return dict(views, label=label, gender=logsumexp(by_gender, axis=2), age=logsumexp(by_gender, axis=1))
-
-
-def group_rows(ids, groups, embedding_ids):
-    """For each image, the row in `embedding_ids` of its group's anchor (the unmasked shot it was matched to,
-    ensemble.shot_groups); -1 where that shot has no embedding."""
-    pos = {str(i): k for k, i in enumerate(embedding_ids)}
-    return np.array([pos.get(str(ids[g]), -1) for g in groups])

@@ -3,7 +3,7 @@
     python bench/preprocess_bench.py --data ../shared/bench/utkmask --persons 50
 
 Naive: for each image, one after the other, rembg.remove() on the full photo (rembg's
-u2netp session at its fixed 320 input) and MTCNN.detect() on the full photo, crop, save.
+u2netp model at its fixed 320 input) and MTCNN.detect() on the full photo, crop, save.
 Ours: preprocess.py as a user runs it (all cores, detector on a small copy, u2netp at 192,
 worker start-up included). Prints images/second for both, the ratio, and the time the whole
 train + eval set would take at our rate.
@@ -71,14 +71,14 @@ rembg_home()
 import rembg  # noqa: E402
 from facenet_pytorch import MTCNN  # noqa: E402
 
-session = rembg.new_session("u2netp")
+u2netp = rembg.new_session("u2netp")
 detector = MTCNN(keep_all=True)
 out = work / "naive"
 out.mkdir()
 t = time.perf_counter()
 for k, source in enumerate(subset["source"]):
     photo = Image.open(source).convert("RGB")
-    cutout = rembg.remove(photo, session=session, bgcolor=(124, 116, 104, 255)).convert("RGB")
+    cutout = rembg.remove(photo, session=u2netp, bgcolor=(124, 116, 104, 255)).convert("RGB")
     boxes, probs = detector.detect(photo)
     rgb = np.asarray(cutout)
     box = face_square(boxes[int(np.argmax(probs))], *photo.size) if boxes is not None else fallback_square(*photo.size)

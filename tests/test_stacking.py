@@ -96,13 +96,6 @@ def test_a_class_no_fitted_row_had_gets_the_floor():
     assert (logp[:, [2, 3, 5]] < np.log(2e-6)).all()
 
 
-def test_group_rows_finds_each_shots_anchor():
-    ids = np.array(["a/mask1", "a/normal", "b/normal", "b/mask1"])
-    groups = np.array([1, 1, 2, 2])  # each row's anchor row (ensemble.shot_groups)
-    assert stacking.group_rows(ids, groups, np.array(["b/normal", "a/normal"])).tolist() == [1, 1, 0, 0]
-    assert stacking.group_rows(ids, groups, np.array(["a/normal"])).tolist() == [0, 0, -1, -1]
-
-
 # ---- ensemble.py --embeddings through its command line, on hand-made logits and embeddings ----
 def ensemble_case(tmp_path, embedding_of):
     """A run whose out-of-fold and test predictions know each image's mask and nothing of gender and age,
