@@ -13,7 +13,8 @@ gives them one gender and age: averaged over the person's shots; applied only if
 --embeddings stacks embed.py's face embedding beside the models: a logistic regression from the embedding to
 gender and age band votes beside the models, with a weight (stacking.py); both fitted on other persons out of
 fold. Two ways are tried: each image's own embedding, and (with --group-shots) the embedding of the unmasked
-shot each image was grouped with; the better is applied if it beats the rule without it, out of fold.
+shot each image was grouped with. --face does the same with train_face.py's fine-tuned network (its votes are
+out of fold already). The best of those tried is applied if it beats the rule without it, out of fold.
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
 decision for every training image, out of fold (what train_*.py --pseudo reads); with --embeddings,
 _embedding.npz: the image way's stacker fitted on every training image, applied or not, with its out-of-fold F1
@@ -54,6 +55,8 @@ parser.add_argument("--group-shots", action="store_true",
                     help="one gender and age for a person's shots, found by matching faces in --crops")  # fmt: skip
 parser.add_argument("--embeddings", default=None,
                     help="embed.py's output: the face embedding votes on gender and age where it helps")  # fmt: skip
+parser.add_argument("--face", default=None,
+                    help="train_face.py's output: a tuned network votes on gender and age where it helps")  # fmt: skip
 parser.add_argument("--embedding-weight", type=float, default=stacking.WEIGHT,
                     help="the embedding's vote beside the models' gender and age (1: as much as theirs)")  # fmt: skip
 parser.add_argument("--crops", default="WORK/crops", help="preprocess.py's output: the images --group-shots matches")
@@ -243,6 +246,20 @@ def load_embeddings(folder, split, ids):
     return embedding[row.loc[list(ids)].to_numpy()]
 
 
+def load_face(folder, split, ids):
+    """train_face.py's (n, 6) gender-age log-probabilities of `ids`, in that order; one clear line if missing."""
+    path = Path(folder) / f"{split}.npz"
+    if not path.is_file():
+        raise InputError(f"--face {folder}: no {split}.npz (run train_face.py --out {folder})")
+    with np.load(path, allow_pickle=False) as z:
+        row = pd.Series(np.arange(len(z["image_id"])), index=z["image_id"].astype(str))
+        gender_age = z["gender_age"]
+    missing = [i for i in ids if i not in row.index]
+    if missing:
+        raise InputError(f"{path}: no prediction for {len(missing)} image(s), e.g. {missing[0]} (rerun train_face.py)")
+    return gender_age[row.loc[list(ids)].to_numpy()]
+
+
 def fallback_box(folder):
     """The box embed.py gave the training crops where HOG found no face, for one photo to get the same."""
     with np.load(Path(folder) / "train.npz", allow_pickle=False) as z:
@@ -388,28 +405,35 @@ def main():
                   + ("applied" if group_test else "not applied")
                   + ("" if matcher_ok else f" (under {MIN_PURITY:.0%})"))  # fmt: skip
         stack = None
-        if args.embeddings:
-            train_embedding, target = load_embeddings(args.embeddings, "train", oof_ids), labels % stacking.GENDER_AGE
-            tried = {}
+        if args.embeddings or args.face:
+            target, tried = labels % stacking.GENDER_AGE, {}
+            train_embedding = load_embeddings(args.embeddings, "train", oof_ids) if args.embeddings else None
+            train_face = load_face(args.face, "train", oof_ids) if args.face else None
             for way in ("image", "person") if args.group_shots and matcher_ok else ("image",):
-                embedding, base = stack_input(way, plain, train_embedding, groups)
-                emb_ga = stacking.out_of_fold(embedding, target, persons, seed=args.seed)  # fitted on other persons
-                views = stacking.voted(base, emb_ga, args.embedding_weight)
-                tried[way] = (rule(views), views, embedding)
+                if args.embeddings:  # a regression on the frozen embedding, fitted on other persons
+                    embedding, base = stack_input(way, plain, train_embedding, groups)
+                    views = stacking.voted(base, stacking.out_of_fold(embedding, target, persons, seed=args.seed),
+                                           args.embedding_weight)  # fmt: skip
+                    tried[way] = (rule(views), views, embedding)
+                if args.face:  # the fine-tuned network's, already out of fold (train_face.py)
+                    face_ga, base = stack_input(way, plain, train_face, groups)
+                    views = stacking.voted(base, face_ga, args.embedding_weight)
+                    tried[f"face_{way}"] = (rule(views), views, None)
             before = rule_known or rule(combined)
             best = max(tried, key=lambda way: tried[way][0][0])
-            if tried[best][0][0] > before[0]:  # the test set's: fitted on every person
-                stack = best, stacking.fit(tried[best][2], target)
+            if tried[best][0][0] > before[0]:  # the test set's regression: fitted on every person
+                stack = best, None if best.startswith("face") else stacking.fit(tried[best][2], target)
                 combined, rule_known = tried[best][1], tried[best][0]
-            # one photo has its own face only: the image way, fitted on every training image, for inference.py
-            saved = out.with_name(out.stem + "_embedding.npz")
-            image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
-            stacking.save_stacker(saved, image_stacker, args.embedding_weight, oof_f1_with=tried["image"][0][0],
-                                  oof_f1_without=before[0], fallback_box=fallback_box(args.embeddings))  # fmt: skip
             report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
-                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()},
-                                        stacker=str(saved))  # fmt: skip
-            print(f"embeddings: out-of-fold F1 {before[0]:.4f} -> "
+                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()})  # fmt: skip
+            if args.embeddings:
+                # one photo has its own face only: the image way, fitted on every training image, for inference.py
+                saved = out.with_name(out.stem + "_embedding.npz")
+                image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
+                stacking.save_stacker(saved, image_stacker, args.embedding_weight, oof_f1_with=tried["image"][0][0],
+                                      oof_f1_without=before[0], fallback_box=fallback_box(args.embeddings))  # fmt: skip
+                report["embeddings"]["stacker"] = str(saved)
+            print(f"face votes: out-of-fold F1 {before[0]:.4f} -> "
                   + ", ".join(f"{t[0][0]:.4f} ({way})" for way, t in tried.items())
                   + (" (with the offsets, cross-validated)" if args.adjust else "")
                   + (f": {best} applied" if stack else ": not applied"))  # fmt: skip
@@ -429,7 +453,7 @@ def main():
         save_csv(pd.DataFrame(dict(ImageID=oof_ids, ans=oof_pred)), out.with_name(out.stem + "_oof.csv"))
     else:
         stack = None
-        for flag, name in ((args.group_shots, "group shots"), (args.embeddings, "embeddings")):
+        for flag, name in ((args.group_shots, "group shots"), (args.embeddings or args.face, "face votes")):
             if flag:
                 print(f"{name}: no out-of-fold predictions to check it on: not applied")
     for name, f, w in zip(names, oof_f1, weights):
@@ -442,13 +466,19 @@ def main():
     # ---- test predictions ----
     combined = combine(test_views, weights, args.method)
     groups = None
-    if group_test or (stack and stack[0] == "person"):
+    if group_test or (stack and stack[0].endswith("person")):
         groups = shot_groups(person_images(args.crops, "eval", test_ids), combined["mask"].argmax(1) == 2)
         report["group_shots"]["test_groups"] = int(len(np.unique(groups)))
     if stack:
         way, stacker = stack
-        embedding, base = stack_input(way, combined, load_embeddings(args.embeddings, "eval", test_ids), groups)
-        combined = stacking.voted(base, stacking.predict(stacker, embedding), args.embedding_weight)
+        if stacker is None:  # the fine-tuned network's vote: the fold models' mean on each eval image
+            face_ga, base = stack_input(
+                way.removeprefix("face_"), combined, load_face(args.face, "eval", test_ids), groups
+            )
+            combined = stacking.voted(base, face_ga, args.embedding_weight)
+        else:
+            embedding, base = stack_input(way, combined, load_embeddings(args.embeddings, "eval", test_ids), groups)
+            combined = stacking.voted(base, stacking.predict(stacker, embedding), args.embedding_weight)
     elif group_test:
         combined = grouped(combined, groups)
     pred = predictions(combined, args.per_task, offsets)

@@ -70,6 +70,8 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     assert not (work / "runs" / "single" / "fold0" / "metrics.json").exists()
     kill_make_during(demo_data, work, "inference.py")
     assert not (work / "runs" / "multi" / "test_logits.npz").exists()
+    kill_make_during(demo_data, work, "train_face.py")
+    assert not (work / "face" / "eval.npz").exists()
     kill_make_during(demo_data, work, "ensemble.py")
     assert not (work / "submission.csv").exists()
 
@@ -176,3 +178,22 @@ def test_pseudo_runs_both_rounds_end_to_end(demo_data, tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("macro_f1=")  # the second round's ensemble, scored
     again = make("-q", "all", f"DATA={demo_data}", f"WORK={tmp_path}", *TINY, "MODELS=single", "PSEUDO=1")
     assert again.returncode == 0  # nothing left to do
+
+
+def test_the_face_stages_come_before_the_ensemble_and_can_be_left_out(tmp_path):
+    def plan(*args):
+        return make("-n", "all", "DATA=nodata", f"WORK={tmp_path}", *args).stdout
+
+    lines = plan().splitlines()
+    step = {
+        s: next(i for i, line in enumerate(lines) if s in line) for s in ("embed.py", "train_face.py", "ensemble.py")
+    }
+    assert step["embed.py"] < step["train_face.py"] < step["ensemble.py"]
+    assert f"--embeddings {tmp_path}/embeddings --face {tmp_path}/face" in lines[step["ensemble.py"]]
+    assert "--use-folds 0 1 2 3 4" in "".join(lines[step["train_face.py"] : step["train_face.py"] + 2])
+    no_face = plan("FACE=0")
+    assert "embed.py" in no_face and "train_face.py" not in no_face and "--face" not in no_face
+    no_embed = plan("EMBED=0")
+    assert "embed.py" not in no_embed and "train_face.py" not in no_embed and "--embeddings" not in no_embed
+    assert "--epochs 3" in "".join(plan("FACE_FLAGS=--epochs 3").split("train_face.py")[1:2])
+    assert not list(tmp_path.iterdir())  # a plan writes nothing

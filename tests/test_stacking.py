@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import run
+from conftest import last_line, run
 from scipy.special import log_softmax, logsumexp
 
 import stacking
@@ -97,9 +97,10 @@ def test_a_class_no_fitted_row_had_gets_the_floor():
 
 
 # ---- ensemble.py --embeddings through its command line, on hand-made logits and embeddings ----
-def ensemble_case(tmp_path, embedding_of):
+def ensemble_case(tmp_path, embedding_of, face_of=None):
     """A run whose out-of-fold and test predictions know each image's mask and nothing of gender and age,
-    and embed.py's files with embedding_of(rng, person's (gender, age) class, person index) per image."""
+    and embed.py's files with embedding_of(rng, person's (gender, age) class, person index) per image; with
+    face_of, train_face.py's files too: face_of(rng, class) is an image's (6,) gender-age log-probabilities."""
     rng = np.random.default_rng(3)
     n_persons, n_test, shots = 240, 60, 3
     ga = rng.integers(0, 6, n_persons + n_test)  # each person's gender * 3 + age band
@@ -119,8 +120,15 @@ def ensemble_case(tmp_path, embedding_of):
     (tmp_path / "emb").mkdir()
     for split, rows in (("train", train), ("eval", test)):  # embed.py's files, as ensemble.py reads them
         np.savez(tmp_path / "emb" / f"{split}.npz", image_id=np.array(ids[rows]), embedding=embedding[rows])
+    face = []
+    if face_of is not None:
+        votes = np.stack([face_of(rng, ga[i // shots]) for i in range(len(ids))])
+        (tmp_path / "face").mkdir()
+        for split, rows in (("train", train), ("eval", test)):  # train_face.py's files
+            np.savez(tmp_path / "face" / f"{split}.npz", image_id=np.array(ids[rows]), gender_age=votes[rows])
+        face = ["--face", tmp_path / "face"]
     out = tmp_path / "sub.csv"
-    run("ensemble.py", "--runs", tmp_path / "run", "--embeddings", tmp_path / "emb", "--out", out,
+    run("ensemble.py", "--runs", tmp_path / "run", "--embeddings", tmp_path / "emb", *face, "--out", out,
         "--answers", tmp_path / "answers.csv")  # fmt: skip
     return json.loads(out.with_suffix(".json").read_text())
 
@@ -157,3 +165,25 @@ def test_ensemble_saves_the_image_stacker_as_plain_arrays_that_predict_as_a_refi
     refit = stacking.fit(train["embedding"], oof["label"] % stacking.GENDER_AGE)
     expected = stacking.predict(refit, test["embedding"])
     assert np.abs(stacking.predict_saved(saved, test["embedding"]) - expected).max() < 1e-6
+
+
+def test_ensemble_applies_the_tuned_networks_votes_where_they_beat_the_embeddings(tmp_path):
+    """train_face.py's votes are out of fold already: ensemble.py tries them beside the regression on the frozen
+    embedding, applies the better, and the test predictions take the eval file's votes."""
+    codes = np.random.default_rng(5).normal(size=(300, 16))  # an embedding that knows nothing of the labels
+    rep = ensemble_case(tmp_path, lambda rng, ga, person: codes[person],
+                        face_of=lambda rng, ga: log_softmax(np.eye(6)[ga] * 3 + rng.normal(size=6)))  # fmt: skip
+    votes = rep["embeddings"]
+    assert votes["applied"] == "face_image" and votes["oof_f1_face_image"] > votes["oof_f1_image"] + 0.2
+    assert rep["test"]["gender_f1"] > 0.8 and rep["test"]["age_f1"] > 0.6  # the model alone: chance (0.5, 0.33)
+
+
+def test_ensemble_says_which_image_the_tuned_network_did_not_predict(tmp_path):
+    ensemble_case(tmp_path, lambda rng, ga, person: rng.normal(size=6),
+                  face_of=lambda rng, ga: log_softmax(np.eye(6)[ga] * 3 + rng.normal(size=6)))  # fmt: skip
+    with np.load(tmp_path / "face" / "eval.npz") as z:
+        np.savez(tmp_path / "face" / "eval.npz", image_id=z["image_id"][1:], gender_age=z["gender_age"][1:])
+    proc = run("ensemble.py", "--runs", tmp_path / "run", "--face", tmp_path / "face", "--out", tmp_path / "b.csv",
+               check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "eval.npz: no prediction for 1 image(s), e.g. t0_0.jpg (rerun train_face.py)" in last_line(proc.stderr)

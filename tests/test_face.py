@@ -1,0 +1,127 @@
+"""train_face.py: dlib's real network fine-tuned on real face crops (skimage's astronaut, turned and tinted per
+person); out of fold, a held-out person's prediction never depends on that person's labels; a rerun keeps the
+finished folds; the one-line errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHOTS, last_line, run
+from PIL import Image, ImageOps
+from scipy.special import logsumexp
+from skimage import data as skdata
+
+pytest.importorskip("dlib")
+pytestmark = pytest.mark.trains
+
+# (id, gender, race, age): both genders and all three age bands, so every fold's probe has every class
+PERSONS = [(f"{k:06d}", ("female", "male")[k % 2], "White", (22, 45, 70)[k % 3]) for k in range(1, 13)]
+FAST = ["--epochs", "2", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """preprocess.py's crops, split.py's two folds and embed.py's embeddings of twelve astronauts."""
+    root = tmp_path_factory.mktemp("face")
+    data = root / "data"
+    face = Image.fromarray(skdata.astronaut())
+    rows = ["id,gender,race,age,path"]
+    for k, (pid, gender, race, age) in enumerate(PERSONS):
+        folder = f"{pid}_{gender}_{race}_{age}"
+        rows.append(f"{pid},{gender},{race},{age},{folder}")
+        person = face.rotate(2 * k)
+        person = ImageOps.grayscale(person).convert("RGB") if gender == "male" else person  # a signal to learn
+        for shot in SHOTS:
+            (data / "train" / "images" / folder).mkdir(parents=True, exist_ok=True)
+            person.save(data / "train" / "images" / folder / f"{shot}.jpg", quality=95)
+    (data / "train" / "train.csv").write_text("\n".join(rows) + "\n")
+    (data / "eval" / "images").mkdir(parents=True)
+    face.save(data / "eval" / "images" / "face.jpg", quality=95)
+    (data / "eval" / "info.csv").write_text("ImageID,ans\nface.jpg,0\n")
+    run("preprocess.py", "--data", data, "--out", root / "crops", "--workers", 1, "--bg", "none", "--size", 200)
+    run("split.py", "--crops", root / "crops", "--folds", 2, "--out", root / "folds.csv")
+    run("embed.py", "--crops", root / "crops", "--out", root / "emb", "--workers", 1)
+    return root
+
+
+def train_face(work, out, *extra, crops=None, check=True):
+    return run("train_face.py", "--crops", crops or work / "crops", "--embeddings", work / "emb", "--folds",
+               work / "folds.csv", "--out", out, *FAST, *extra, check=check)  # fmt: skip
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_the_stage_writes_out_of_fold_votes_for_every_shot_and_keeps_finished_folds(work, tmp_path):
+    out = tmp_path / "face"
+    proc = train_face(work, out)
+    train, test = load(out / "train.npz"), load(out / "eval.npz")
+    crops = pd.read_csv(work / "crops" / "train.csv", dtype=str)
+    assert sorted(train["image_id"]) == sorted(crops["image_id"]) and train["gender_age"].shape == (84, 6)
+    assert test["image_id"].tolist() == ["face.jpg"]
+    for votes in (train["gender_age"], test["gender_age"]):  # log-probabilities of gender * 3 + age band
+        assert np.allclose(logsumexp(votes, axis=1), 0, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["folds"] == [0, 1] and report["oof_images"] == 84
+    log = pd.read_csv(out / "log.csv")
+    assert len(log) == 4 and (out / "curves.png").stat().st_size > 0 and "unmasked shots, out of fold" in proc.stdout
+    # gray faces are the men: the heads' start, a probe on the frozen embedding, separates them out of fold (two
+    # steps of tuning on six near-identical faces need not: their embeddings differ by less than a step moves them)
+    assert report["every_shot"]["frozen"]["gender_f1"] == 1.0
+
+    # a rerun (say after a kill once fold 1 was done) keeps the finished folds and writes the same votes
+    (out / "eval.npz").unlink(), (out / "train.npz").unlink()
+    again = train_face(work, out)
+    assert "fold 0: already done" in again.stdout and "fold 1: already done" in again.stdout
+    assert np.array_equal(load(out / "train.npz")["gender_age"], train["gender_age"])
+    # other settings (finer age bins for the head, summed into the bands): the fold is trained again
+    finer = train_face(work, tmp_path / "finer", "--use-folds", "0", "--age-edges", "30", "45", "60")
+    assert "already done" not in finer.stdout
+    finer_votes = load(tmp_path / "finer" / "train.npz")["gender_age"]
+    assert finer_votes.shape == (42, 6) and np.allclose(logsumexp(finer_votes, axis=1), 0, atol=1e-6)
+
+
+def test_a_held_out_persons_votes_never_depend_on_their_own_labels(work, tmp_path):
+    """Fold 0's votes with every fold-0 person's gender and age changed are the same to the last bit; with
+    fold 1's (the training persons') changed they are not: a stage that read its held-out persons' labels would
+    fail the first check, one that ignored labels the second."""
+    folds = pd.read_csv(work / "folds.csv", dtype={"person_id": str}).set_index("person_id")["fold"]
+    crops = pd.read_csv(work / "crops" / "train.csv", dtype={"person_id": str, "image_id": str}, keep_default_na=False)
+
+    def votes_with_labels_of_fold_changed(fold, name):
+        changed = crops.copy()
+        rows = changed["person_id"].map(folds).eq(fold)
+        changed.loc[rows, "gender"] = 1 - changed.loc[rows, "gender"]
+        changed.loc[rows, "age_band"] = (changed.loc[rows, "age_band"] + 1) % 3
+        folder = tmp_path / name
+        folder.mkdir()
+        changed.to_csv(folder / "train.csv", index=False)
+        for f in ("train_u8.npy", "eval.csv", "eval_u8.npy"):  # the same crops, other labels
+            (folder / f).symlink_to(work / "crops" / f)
+        train_face(work, tmp_path / f"out_{name}", "--use-folds", "0", crops=folder)
+        return load(tmp_path / f"out_{name}" / "train.npz")
+
+    train_face(work, tmp_path / "out", "--use-folds", "0")
+    own = load(tmp_path / "out" / "train.npz")
+    held_changed = votes_with_labels_of_fold_changed(0, "held")
+    assert held_changed["image_id"].tolist() == own["image_id"].tolist()
+    assert np.array_equal(held_changed["gender_age"], own["gender_age"])
+    assert not np.allclose(votes_with_labels_of_fold_changed(1, "trained")["gender_age"], own["gender_age"], atol=1e-3)
+
+
+def test_one_line_errors(work, tmp_path):
+    proc = run("train_face.py", "--crops", work / "crops", "--embeddings", tmp_path / "none", "--folds",
+               work / "folds.csv", "--out", tmp_path / "o", check=False)  # fmt: skip
+    assert proc.returncode != 0 and last_line(proc.stderr).endswith("no train.npz (run embed.py first)")
+    proc = run("train_face.py", "--crops", work / "crops", "--embeddings", work / "emb", "--folds",
+               tmp_path / "folds.csv", "--out", tmp_path / "o", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "not found (run split.py first)" in last_line(proc.stderr)
+    proc = train_face(work, tmp_path / "o", "--age-edges", "20", "40", check=False)
+    assert proc.returncode == 2 and "30 and 60 among them" in last_line(proc.stderr)
+    proc = train_face(work, tmp_path / "o", "--use-folds", "7", check=False)
+    assert proc.returncode == 2 and last_line(proc.stderr).endswith(
+        f"--use-folds 7: no such fold in {work / 'folds.csv'}"
+    )
