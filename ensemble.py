@@ -234,30 +234,28 @@ def assign_shots(sim):
 
 def load_embeddings(folder, split, ids):
     """embed.py's (n, 128) embeddings of `ids`, in that order; one clear line if the file or an image is missing."""
-    path = Path(folder) / f"{split}.npz"
-    if not path.is_file():
-        raise InputError(f"--embeddings {folder}: no {split}.npz (run embed.py --crops WORK/crops --out {folder})")
-    with np.load(path, allow_pickle=False) as z:
-        row = pd.Series(np.arange(len(z["image_id"])), index=z["image_id"].astype(str))
-        embedding = z["embedding"]
-    missing = [i for i in ids if i not in row.index]
-    if missing:
-        raise InputError(f"{path}: no embedding for {len(missing)} image(s), e.g. {missing[0]} (embed.py --shots all)")
-    return embedding[row.loc[list(ids)].to_numpy()]
+    return load_rows(folder, split, ids, "embedding", "--embeddings",
+                     f"run embed.py --crops WORK/crops --out {folder}", "embed.py --shots all")  # fmt: skip
 
 
 def load_face(folder, split, ids):
     """train_face.py's (n, 6) gender-age log-probabilities of `ids`, in that order; one clear line if missing."""
+    return load_rows(folder, split, ids, "gender_age", "--face", f"run train_face.py --out {folder}",
+                     "rerun train_face.py")  # fmt: skip
+
+
+def load_rows(folder, split, ids, key, flag, how_to_make, how_to_fix):
+    """Array `key` of FOLDER/SPLIT.npz (image_id and one row an image), in the order of `ids`."""
     path = Path(folder) / f"{split}.npz"
     if not path.is_file():
-        raise InputError(f"--face {folder}: no {split}.npz (run train_face.py --out {folder})")
+        raise InputError(f"{flag} {folder}: no {split}.npz ({how_to_make})")
     with np.load(path, allow_pickle=False) as z:
         row = pd.Series(np.arange(len(z["image_id"])), index=z["image_id"].astype(str))
-        gender_age = z["gender_age"]
+        values = z[key]
     missing = [i for i in ids if i not in row.index]
     if missing:
-        raise InputError(f"{path}: no prediction for {len(missing)} image(s), e.g. {missing[0]} (rerun train_face.py)")
-    return gender_age[row.loc[list(ids)].to_numpy()]
+        raise InputError(f"{path}: no {key} for {len(missing)} image(s), e.g. {missing[0]} ({how_to_fix})")
+    return values[row.loc[list(ids)].to_numpy()]
 
 
 def fallback_box(folder):

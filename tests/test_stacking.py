@@ -186,4 +186,4 @@ def test_ensemble_says_which_image_the_tuned_network_did_not_predict(tmp_path):
     proc = run("ensemble.py", "--runs", tmp_path / "run", "--face", tmp_path / "face", "--out", tmp_path / "b.csv",
                check=False)  # fmt: skip
     assert proc.returncode != 0
-    assert "eval.npz: no prediction for 1 image(s), e.g. t0_0.jpg (rerun train_face.py)" in last_line(proc.stderr)
+    assert "eval.npz: no gender_age for 1 image(s), e.g. t0_0.jpg (rerun train_face.py)" in last_line(proc.stderr)
