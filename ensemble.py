@@ -14,7 +14,8 @@ gives them one gender and age: averaged over the person's shots; applied only if
 gender and age band votes beside the models, with a weight (stacking.py); both fitted on other persons out of
 fold. Two ways are tried: each image's own embedding, and (with --group-shots) the embedding of the unmasked
 shot each image was grouped with. --face does the same with train_face.py's fine-tuned network (its votes are
-out of fold already). The best of those tried is applied if it beats the rule without it, out of fold.
+out of fold already). The best of those tried is applied if it beats the rule without it, out of fold, and
+knows more of gender and age than their shares do (positive nats: a vote surer than it is right is left out).
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
 decision for every training image, out of fold (what train_*.py --pseudo reads); with --embeddings,
 _embedding.npz: the image way's stacker fitted on every training image, applied or not, with its out-of-fold F1
@@ -410,20 +411,24 @@ def main():
             for way in ("image", "person") if args.group_shots and matcher_ok else ("image",):
                 if args.embeddings:  # a regression on the frozen embedding, fitted on other persons
                     embedding, base = stack_input(way, plain, train_embedding, groups)
-                    views = stacking.voted(base, stacking.out_of_fold(embedding, target, persons, seed=args.seed),
-                                           args.embedding_weight)  # fmt: skip
-                    tried[way] = (rule(views), views, embedding)
+                    vote = stacking.out_of_fold(embedding, target, persons, seed=args.seed)
+                    views = stacking.voted(base, vote, args.embedding_weight)
+                    tried[way] = (rule(views), views, embedding, stacking.information(vote, target))
                 if args.face:  # the fine-tuned network's, already out of fold (train_face.py)
                     face_ga, base = stack_input(way, plain, train_face, groups)
                     views = stacking.voted(base, face_ga, args.embedding_weight)
-                    tried[f"face_{way}"] = (rule(views), views, None)
+                    tried[f"face_{way}"] = (rule(views), views, None, stacking.information(face_ga, target))
             before = rule_known or rule(combined)
-            best = max(tried, key=lambda way: tried[way][0][0])
-            if tried[best][0][0] > before[0]:  # the test set's regression: fitted on every person
+            # a vote surer than it is right (drawn faces the network cannot read) can still win a few images by luck
+            informed = [way for way in tried if tried[way][3] > 0] or list(tried)
+            best = max(informed, key=lambda way: tried[way][0][0])
+            if tried[best][3] > 0 and tried[best][0][0] > before[0]:
+                # the test set's regression: fitted on every person (the tuned network's votes are made already)
                 stack = best, None if best.startswith("face") else stacking.fit(tried[best][2], target)
                 combined, rule_known = tried[best][1], tried[best][0]
             report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
-                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()})  # fmt: skip
+                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()},
+                                        **{f"nats_{way}": round(t[3], 3) for way, t in tried.items()})  # fmt: skip
             if args.embeddings:
                 # one photo has its own face only: the image way, fitted on every training image, for inference.py
                 saved = out.with_name(out.stem + "_embedding.npz")
@@ -432,7 +437,7 @@ def main():
                                       oof_f1_without=before[0], fallback_box=fallback_box(args.embeddings))  # fmt: skip
                 report["embeddings"]["stacker"] = str(saved)
             print(f"face votes: out-of-fold F1 {before[0]:.4f} -> "
-                  + ", ".join(f"{t[0][0]:.4f} ({way})" for way, t in tried.items())
+                  + ", ".join(f"{t[0][0]:.4f} ({way}, {t[3]:+.2f} nats)" for way, t in tried.items())
                   + (" (with the offsets, cross-validated)" if args.adjust else "")
                   + (f": {best} applied" if stack else ": not applied"))  # fmt: skip
         oof_pred = predictions(combined, args.per_task)
