@@ -75,13 +75,14 @@ WEIGHTS ?= f1
 # run of the cpu preset and not the same recipe with another seed (EXPERIMENTS.md)
 ENSEMBLE_FLAGS ?= --adjust --group-shots
 # EMBED=1: dlib's face-recognition network turns every crop into 128 numbers (embed.py), and ensemble.py lets them
-# vote on gender and age beside the models where that helps out of fold (--embeddings). Bench, cpu preset: rule OOF
-# F1 0.545 -> 0.607, eval 0.622 -> 0.666, for a few minutes (EXPERIMENTS.md)
+# vote on gender and age beside the models where that helps out of fold (--embeddings). Bench, cpu preset, two
+# seeds: rule OOF F1 0.545 -> 0.599 and 0.552 -> 0.621, eval 0.622 -> 0.667 and 0.626 -> 0.647, 83 s (EXPERIMENTS.md)
 EMBED ?= 1
 EMBED_FLAGS ?=
 # FACE=1 (with EMBED=1): dlib's network is fine-tuned for gender and age on each fold's unmasked shots
 # (train_face.py), and its out-of-fold votes are tried beside the regression on the frozen embedding (--face).
-# Bench, cpu preset: rule OOF F1 0.61 -> 0.64 over the frozen vote, for about 8 minutes (EXPERIMENTS.md)
+# Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the frozen vote, eval 0.670 and
+# 0.654 (gender 0.9645, age 0.715 and 0.698), 8.3 min (EXPERIMENTS.md)
 FACE ?= $(EMBED)
 FACE_FLAGS ?=
 CROP_SIZE ?= 256
