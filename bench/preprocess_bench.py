@@ -78,7 +78,8 @@ out.mkdir()
 t = time.perf_counter()
 for k, source in enumerate(subset["source"]):
     photo = Image.open(source).convert("RGB")
-    cutout = rembg.remove(photo, session=u2netp, bgcolor=(124, 116, 104, 255)).convert("RGB")
+    # rembg.remove(data, alpha_matting, its two thresholds, erode size, the model to run, ...): defaults, then u2netp
+    cutout = rembg.remove(photo, False, 240, 10, 10, u2netp, bgcolor=(124, 116, 104, 255)).convert("RGB")
     boxes, probs = detector.detect(photo)
     rgb = np.asarray(cutout)
     box = face_square(boxes[int(np.argmax(probs))], *photo.size) if boxes is not None else fallback_square(*photo.size)
