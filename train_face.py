@@ -16,13 +16,15 @@ ensemble.py --face WORK/face lets these vote on gender and age in place of the r
 embedding (--embeddings). Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the
 frozen vote; eval gender F1 0.961 / 0.958 -> 0.9645, age F1 0.688 / 0.666 -> 0.715 / 0.698 (EXPERIMENTS.md).
 The aligned 150 px chips are cut again from the crops in the boxes embed.py recorded (landmarks, no HOG).
-A finished fold is kept (fold<k>.npz): a rerun after a kill goes on from the next. 1 min 40 s a fold of the bench
+A finished fold is kept (fold<k>.npz): a rerun after a kill goes on from the next; a fold made from other chips,
+labels or eval images (a new eval set, relabelled persons) is trained again. 1 min 40 s a fold of the bench
 set (1,040 persons, 8 epochs), 8.3 min for five, on a 2-core AMD EPYC with bf16 units. Needs dlib
 (requirements-nodeps.txt). Uses CUDA when present.
 """
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 import warnings
@@ -205,12 +207,25 @@ def train_fold(fold, args, base, train, test, env):
     return held, oof, np.exp(eval_proba), frozen, log
 
 
-def finished_fold(path, settings, image_ids):
-    """A fold file made with the same settings for the same held-out images, as a dict, else None."""
+def inputs_key(train, test):
+    """A fingerprint of what a fold's results rest on besides the settings: the chips and labels of the training
+    images and the eval images' chips. A fold file's eval votes are for the eval set it was trained beside."""
+    digest = hashlib.sha1()
+    for index, _, chips in (train, test):
+        digest.update("\n".join(index["image_id"].astype(str)).encode())
+        digest.update(np.ascontiguousarray(chips).data)
+    digest.update(train[0][["gender", "age_band", "age"]].astype(float).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finished_fold(path, settings, image_ids, inputs):
+    """A fold file made with the same settings from the same inputs for the same held-out images, as a dict,
+    else None."""
     try:
         with np.load(path, allow_pickle=False) as z:
             held = z["held"]
-            same = (json.loads(str(z["settings"])) == settings and held.max(initial=-1) < len(image_ids)
+            same = (json.loads(str(z["settings"])) == settings and str(z["inputs"]) == inputs
+                    and held.max(initial=-1) < len(image_ids)
                     and np.array_equal(z["image_id"], image_ids[held]))  # fmt: skip
             return {k: z[k] for k in z.files} if same else None
     except (OSError, ValueError, KeyError):
@@ -271,10 +286,14 @@ def main():
     oof, frozen = np.full((len(index), 6), np.nan), np.full((len(index), 6), np.nan)
     eval_proba, log = [], []
     # what a finished fold was made with (the folds themselves are each file's own)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "models", "use_folds")}
+    # (paths are not settings: inputs_key says whether what they hold changed)
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("crops", "embeddings", "folds", "out", "models", "use_folds")
+    }
+    inputs = inputs_key(train, test)
     for fold in folds:
         done_path = out / f"fold{fold}.npz"
-        done = finished_fold(done_path, settings, index["image_id"].to_numpy(str))
+        done = finished_fold(done_path, settings, index["image_id"].to_numpy(str), inputs)
         if done is None:
             held, fold_oof, fold_eval, fold_frozen, fold_log = train_fold(
                 fold, args, face_models["resnet"], train, test, env
@@ -282,7 +301,8 @@ def main():
             with atomic_path(done_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, held=held, image_id=index["image_id"].to_numpy(str)[held], oof=fold_oof, eval=fold_eval,
-                             frozen=fold_frozen, log=json.dumps(fold_log), settings=json.dumps(settings))  # fmt: skip
+                             frozen=fold_frozen, log=json.dumps(fold_log), settings=json.dumps(settings),
+                             inputs=inputs)  # fmt: skip
         else:
             print(f"fold {fold}: already done ({done_path})")
             held, fold_oof, fold_eval, fold_frozen, fold_log = (done["held"], done["oof"], done["eval"], done["frozen"],

@@ -1,6 +1,6 @@
 """train_face.py: dlib's real network fine-tuned on real face crops (skimage's astronaut, turned and tinted per
 person); out of fold, a held-out person's prediction never depends on that person's labels; a rerun keeps the
-finished folds; the one-line errors."""
+finished folds, and trains a fold again when its labels or the eval images change; the one-line errors."""
 
 import json
 
@@ -84,24 +84,35 @@ def test_the_stage_writes_out_of_fold_votes_for_every_shot_and_keeps_finished_fo
     assert finer_votes.shape == (42, 6) and np.allclose(logsumexp(finer_votes, axis=1), 0, atol=1e-6)
 
 
+def crops_changed(work, folder, relabel_fold=None, flip_eval=False):
+    """--crops (in `folder`, made or rewritten) with the same training crops: fold `relabel_fold`'s persons with
+    their gender and age band changed, and with `flip_eval` the eval crops mirrored (same ids, other pixels)."""
+    folds = pd.read_csv(work / "folds.csv", dtype={"person_id": str}).set_index("person_id")["fold"]
+    crops = pd.read_csv(work / "crops" / "train.csv", dtype={"person_id": str, "image_id": str}, keep_default_na=False)
+    rows = crops["person_id"].map(folds).eq(relabel_fold)
+    crops.loc[rows, "gender"] = 1 - crops.loc[rows, "gender"]
+    crops.loc[rows, "age_band"] = (crops.loc[rows, "age_band"] + 1) % 3
+    folder.mkdir(exist_ok=True)
+    for f in ("train.csv", "train_u8.npy", "eval.csv", "eval_u8.npy"):
+        (folder / f).unlink(missing_ok=True)
+    crops.to_csv(folder / "train.csv", index=False)
+    for f in ("train_u8.npy", "eval.csv"):
+        (folder / f).symlink_to(work / "crops" / f)
+    if flip_eval:
+        np.save(folder / "eval_u8.npy", np.load(work / "crops" / "eval_u8.npy")[:, :, ::-1])
+    else:
+        (folder / "eval_u8.npy").symlink_to(work / "crops" / "eval_u8.npy")
+    return folder
+
+
 def test_a_held_out_persons_votes_never_depend_on_their_own_labels(work, tmp_path):
     """Fold 0's votes with every fold-0 person's gender and age changed are the same to the last bit; with
     fold 1's (the training persons') changed they are not: a stage that read its held-out persons' labels would
     fail the first check, one that ignored labels the second."""
-    folds = pd.read_csv(work / "folds.csv", dtype={"person_id": str}).set_index("person_id")["fold"]
-    crops = pd.read_csv(work / "crops" / "train.csv", dtype={"person_id": str, "image_id": str}, keep_default_na=False)
 
     def votes_with_labels_of_fold_changed(fold, name):
-        changed = crops.copy()
-        rows = changed["person_id"].map(folds).eq(fold)
-        changed.loc[rows, "gender"] = 1 - changed.loc[rows, "gender"]
-        changed.loc[rows, "age_band"] = (changed.loc[rows, "age_band"] + 1) % 3
-        folder = tmp_path / name
-        folder.mkdir()
-        changed.to_csv(folder / "train.csv", index=False)
-        for f in ("train_u8.npy", "eval.csv", "eval_u8.npy"):  # the same crops, other labels
-            (folder / f).symlink_to(work / "crops" / f)
-        train_face(work, tmp_path / f"out_{name}", "--use-folds", "0", crops=folder)
+        train_face(work, tmp_path / f"out_{name}", "--use-folds", "0",
+                   crops=crops_changed(work, tmp_path / name, relabel_fold=fold))  # fmt: skip
         return load(tmp_path / f"out_{name}" / "train.npz")
 
     train_face(work, tmp_path / "out", "--use-folds", "0")
@@ -110,6 +121,21 @@ def test_a_held_out_persons_votes_never_depend_on_their_own_labels(work, tmp_pat
     assert held_changed["image_id"].tolist() == own["image_id"].tolist()
     assert np.array_equal(held_changed["gender_age"], own["gender_age"])
     assert not np.allclose(votes_with_labels_of_fold_changed(1, "trained")["gender_age"], own["gender_age"], atol=1e-3)
+
+
+def test_a_finished_fold_is_trained_again_when_its_labels_or_eval_images_change(work, tmp_path):
+    """A fold file holds the eval votes of the eval set it was trained beside: kept only for the same inputs
+    (the same --crops folder each time, as make all passes it)."""
+    out, crops = tmp_path / "face", tmp_path / "crops"
+    train_face(work, out, "--use-folds", "0", crops=crops_changed(work, crops))
+    first = load(out / "eval.npz")["gender_age"]
+    assert "fold 0: already done" in train_face(work, out, "--use-folds", "0", crops=crops).stdout
+    crops_changed(work, crops, relabel_fold=1)  # persons fold 0 trains on, relabelled
+    assert "fold 0: already done" not in train_face(work, out, "--use-folds", "0", crops=crops).stdout
+    crops_changed(work, crops, flip_eval=True)  # labels as at first, a new eval set with the same ids
+    assert "fold 0: already done" not in train_face(work, out, "--use-folds", "0", crops=crops).stdout
+    assert load(out / "eval.npz")["image_id"].tolist() == ["face.jpg"]
+    assert not np.allclose(load(out / "eval.npz")["gender_age"], first, atol=1e-4)
 
 
 def test_one_line_errors(work, tmp_path):
