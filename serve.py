@@ -15,8 +15,8 @@ change rewrites RUN/relabel_draft.csv (atomically) in relabel.csv's format, id,f
 Safe on a shared machine: listens on 127.0.0.1 only (--host to change), refuses uploads over
 --max-upload-mb before reading past the limit, decodes them in memory (nothing written to disk), and
 never uses a client's file name. Other users of the same machine can still reach 127.0.0.1.
---embedding WORK/submission_embedding.npz (make serve passes it when it exists): dlib's face embedding votes on
-gender and age as in ensemble.py (stacking.py).
+--embedding WORK/submission_embedding.npz (make serve passes it when it exists): dlib's face embedding, or the
+fine-tuned face networks the file names, votes on gender and age as in ensemble.py (stacking.py).
 2-core AMD EPYC (shared), 6 tf_efficientnet_lite0 models at 128 px, flip TTA: 2.2 photos/s, p95 0.48 s with one
 client (face crop 0.18 s, models 0.14 s, heat map 0.08 s); RSS flat at 1.4 GB (bench/serve_bench.py).
 """
@@ -101,6 +101,7 @@ def load_state(args, run, crops, env):
     state.max_upload = int(args.max_upload_mb * 2**20)
     state.stacker = stacking.load_stacker(args.embedding) if args.embedding else None
     state.face_models = faceembed.load_models(faceembed.model_folder()) if args.embedding else None
+    state.tuned = stacking.tuned_named(state.stacker) if args.embedding else None
     state.audit = load_audit(run, crops, args.min_conf, args.audit_persons)
     draft_path = Path(args.draft) if args.draft else run / "relabel_draft.csv"
     state.draft = Draft(draft_path, None if args.relabel == "none" else Path(args.relabel))
@@ -186,8 +187,8 @@ def predict_photo(state, data):
     views = average_views([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
                      for m in state.models])  # fmt: skip
     models_cls = int(views["label"][0].argmax())  # the heat map's class: the models' own answer, before any vote
-    if state.stacker:  # the face embedding's vote on gender and age
-        views = stacking.vote_on_photo(state.stacker, state.face_models, views, crop)[0]
+    if state.stacker:  # the face embedding's (or the fine-tuned networks') vote on gender and age
+        views = stacking.vote_on_photo(state.stacker, state.face_models, views, crop, state.tuned)[0]
     p = {k: np.exp(v[0]) for k, v in views.items()}
     cls = int(p["label"].argmax())
     t2 = time.perf_counter()

@@ -121,15 +121,28 @@ def voted(views, embedding_logp, weight=WEIGHT):
     return with_gender_age(views, vote(gender_age(views["label"]), embedding_logp, weight))
 
 
-def vote_on_photo(saved, face_models, views, crop):
-    """One photo's views (inference.py --image, serve.py) with a saved stacker's vote: the crop embedded at the
-    crops' own size, framed as embed.py framed the training crops where HOG finds no face. Returns (views, HOG
-    found the face)."""
+def tuned_named(saved):
+    """The fine-tuned networks a saved stacker names (ensemble.py --face, where their vote on each image on its own
+    beat the regression's out of fold), loaded for vote_on_photo; else None."""
+    import faceembed
+
+    folder = str(saved.get("face", ""))
+    return faceembed.load_tuned(folder) if folder else None
+
+
+def vote_on_photo(saved, face_models, views, crop, tuned=None):
+    """One photo's views (inference.py --image, serve.py) with a saved stacker's vote: the crop's chip at the
+    crops' own size, framed as embed.py framed the training crops where HOG finds no face, embedded for the
+    regression, or with `tuned` (tuned_named) given to the fine-tuned networks. Returns (views, HOG found the face)."""
     import faceembed
 
     box = saved.get("fallback_box", faceembed.GEOMETRY_BOX)
-    embedding, found = faceembed.embed_photo(face_models, crop, fallback_box=box)
-    return voted(views, predict_saved(saved, embedding[None]), float(saved["weight"])), found
+    chip, found = faceembed.photo_chip(face_models, crop, fallback_box=box)
+    if tuned:
+        vote = faceembed.tuned_vote(tuned, chip[None])
+    else:
+        vote = predict_saved(saved, faceembed.embed_chips(face_models, chip[None]))
+    return voted(views, vote, float(saved["weight"])), found
 
 
 def with_gender_age(views, gender_age_logp):

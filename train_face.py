@@ -11,12 +11,13 @@ start). The fold's model then predicts every shot of its held-out persons and ev
                            saw the person (gender * 3 + age band, the 18-class label modulo 6)
     WORK/face/eval.npz     image_id, gender_age: the fold models' mean probability; written last
     WORK/face/log.csv, curves.png, report.json   validation per epoch and fold; OOF F1 and log-loss, tuned vs frozen
+    WORK/face/fold<k>.pt   each fold's network and heads (22 MB): one photo's vote (inference.py --image, serve.py)
 
 ensemble.py --face WORK/face lets these vote on gender and age in place of the regression on the frozen
 embedding (--embeddings). Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the
 frozen vote; eval gender F1 0.961 / 0.958 -> 0.9645, age F1 0.688 / 0.666 -> 0.715 / 0.698 (EXPERIMENTS.md).
 The aligned 150 px chips are cut again from the crops in the boxes embed.py recorded (landmarks, no HOG).
-A finished fold is kept (fold<k>.npz): a rerun after a kill goes on from the next; a fold made from other chips,
+A finished fold is kept (fold<k>.npz and .pt): a rerun after a kill goes on from the next; a fold made from other chips,
 labels or eval images (a new eval set, relabelled persons) is trained again. 1 min 40 s a fold of the bench
 set (1,040 persons, 8 epochs), 8.3 min for five, on a 2-core AMD EPYC with bf16 units. Needs dlib
 (requirements-nodeps.txt). Uses CUDA when present.
@@ -35,12 +36,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.special import log_softmax
 from tqdm import tqdm
 
 from common import InputError, atomic_path, load_crops, make_env, run_main, save_csv, save_figure, save_json
 from dlibnet import chips_to_tensor
-from faceembed import face_chip, load_models, model_folder
+from faceembed import bands, face_chip, gender_age_logp, load_models, model_folder, predict_tuned
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,31 +110,6 @@ def linear_probe(embedding, target, classes):
     return head
 
 
-def bands(age_bin_proba, edges):
-    """(n, bins) probabilities of the age bins `edges` make -> (n, 3) of the age bands (30, 60)."""
-    band_of_bin = np.digitize(np.concatenate([[0.0], edges]), [30, 60])  # each bin's lower end's band
-    return np.stack([age_bin_proba[:, band_of_bin == band].sum(1) for band in range(3)], axis=1)
-
-
-@torch.no_grad()
-def predict(net, heads, chips, env, edges, batch=128):
-    """(n, 2) gender and (n, 3) age-band probabilities, float64."""
-    net.eval()
-    gender, age = [], []
-    for start in range(0, len(chips), batch):
-        x = chips_to_tensor(chips[start : start + batch]).to(env.device)
-        with env.autocast():
-            e = net(x).float()
-        gender.append(F.softmax(heads["gender"](e), 1).cpu()), age.append(F.softmax(heads["age"](e), 1).cpu())
-    return torch.cat(gender).double().numpy(), bands(torch.cat(age).double().numpy(), edges)
-
-
-def gender_age_logp(gender, age):
-    """(n, 2) and (n, 3) probabilities -> (n, 6) log-probabilities of gender * 3 + age band."""
-    logp = np.log(np.clip(gender, 1e-6, None))[:, :, None] + np.log(np.clip(age, 1e-6, None))[:, None, :]
-    return log_softmax(logp.reshape(-1, 6), axis=1)
-
-
 def scores(target, logp):
     """Macro F1 and log-loss of gender and of age band, from (n, 6) log-probabilities."""
     from sklearn.metrics import f1_score
@@ -150,7 +125,8 @@ def scores(target, logp):
 # ---- one fold ------------------------------------------------------------------------
 def train_fold(fold, args, base, train, test, env):
     """Linear probe, then fine-tune on the other folds' unmasked shots; returns the held-out persons' rows and
-    (n, 6) log-probs, the eval images' probabilities, the frozen probe's held-out log-probs, and the log."""
+    (n, 6) log-probs, the eval images' probabilities, the frozen probe's held-out log-probs, the log, and the
+    weights (network, heads, age edges)."""
     index, embedding, chips = train
     held = np.flatnonzero(index["fold"].to_numpy() == fold)
     fit_rows = np.flatnonzero((index["fold"].to_numpy() != fold) & index["unmasked"].to_numpy())
@@ -196,15 +172,16 @@ def train_fold(fold, args, base, train, test, env):
             opt.step()
             sched.step()
             total += loss.item()
-        pg, pa = predict(net, heads, chips[val], env, edges)
+        pg, pa = predict_tuned(net, heads, chips[val], edges, env.device, env.autocast)
         target = gender[val] * 3 + index["age_band"].to_numpy()[val]
         seconds = round(time.perf_counter() - t0, 1)
         log.append(dict(fold=fold, epoch=epoch, train_loss=round(total / steps_per_epoch, 4), seconds=seconds,
                         **scores(target, gender_age_logp(pg, pa))))  # fmt: skip
         print(log[-1], flush=True)
-    oof = gender_age_logp(*predict(net, heads, chips[held], env, edges))
-    eval_proba = gender_age_logp(*predict(net, heads, test[2], env, edges))
-    return held, oof, np.exp(eval_proba), frozen, log
+    oof = gender_age_logp(*predict_tuned(net, heads, chips[held], edges, env.device, env.autocast))
+    eval_proba = gender_age_logp(*predict_tuned(net, heads, test[2], edges, env.device, env.autocast))
+    weights = dict(net=net.state_dict(), heads=heads.state_dict(), age_edges=torch.tensor(edges, dtype=torch.float64))
+    return held, oof, np.exp(eval_proba), frozen, log, weights
 
 
 def inputs_key(train, test):
@@ -219,8 +196,10 @@ def inputs_key(train, test):
 
 
 def finished_fold(path, settings, image_ids, inputs):
-    """A fold file made with the same settings from the same inputs for the same held-out images, as a dict,
-    else None."""
+    """A fold file made with the same settings from the same inputs for the same held-out images, with its
+    weights beside it (fold<k>.pt, written first), as a dict, else None."""
+    if not path.with_suffix(".pt").is_file():
+        return None
     try:
         with np.load(path, allow_pickle=False) as z:
             held = z["held"]
@@ -295,9 +274,11 @@ def main():
         done_path = out / f"fold{fold}.npz"
         done = finished_fold(done_path, settings, index["image_id"].to_numpy(str), inputs)
         if done is None:
-            held, fold_oof, fold_eval, fold_frozen, fold_log = train_fold(
+            held, fold_oof, fold_eval, fold_frozen, fold_log, weights = train_fold(
                 fold, args, face_models["resnet"], train, test, env
             )
+            with atomic_path(out / f"fold{fold}.pt") as tmp:  # one photo's vote (inference.py, serve.py)
+                torch.save(weights, tmp)
             with atomic_path(done_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, held=held, image_id=index["image_id"].to_numpy(str)[held], oof=fold_oof, eval=fold_eval,

@@ -138,6 +138,47 @@ def test_a_finished_fold_is_trained_again_when_its_labels_or_eval_images_change(
     assert not np.allclose(load(out / "eval.npz")["gender_age"], first, atol=1e-4)
 
 
+def test_one_photo_gets_the_fold_networks_vote_as_the_eval_set_did(work, tmp_path):
+    """fold<k>.pt hold each fold's network and heads (loaded with weights_only): the eval image, cut as one photo
+    is, gets from them the vote eval.npz holds; inference.py --image, given a stacker that names them, uses them."""
+    import faceembed
+    import stacking
+
+    out = tmp_path / "face"
+    train_face(work, out, "--precision", "fp32")  # (bf16 would round the eval votes the photo's fp32 is checked on)
+    tuned = faceembed.load_tuned(out)
+    assert len(tuned) == 2 and all(edges == [30, 60] for _, _, edges in tuned)
+    models = faceembed.load_models(faceembed.model_folder())
+    crop = np.load(work / "crops" / "eval_u8.npy")[0]
+    chip, found = faceembed.photo_chip(models, crop)
+    assert found  # HOG's box, as embed.py's for this crop
+    assert np.abs(faceembed.tuned_vote(tuned, chip[None]) - load(out / "eval.npz")["gender_age"]).max() < 1e-5
+
+    # a tiny image model; a stacker sure of (female, 30-59) whatever the face, naming the tuned networks or not
+    run("train_multi.py", "--crops", work / "crops", "--folds", work / "folds.csv", "--fold", 0, "--out",
+        tmp_path / "run", "--backbone", "test_efficientnet", "--pretrained", "none", "--img-size", 32, "--batch-size",
+        16, "--epochs", 1, "--threads", 1)  # fmt: skip
+    rng = np.random.default_rng(0)
+    target = np.where(rng.random(600) < 0.95, 4, rng.integers(0, 6, 600))
+    regression = stacking.fit(rng.normal(size=(600, 128)), target)
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(skdata.astronaut()).save(photo, quality=95)
+    lines = {}
+    for name, face in (("regression", ""), ("tuned", str(out))):
+        stacking.save_stacker(tmp_path / f"{name}.npz", regression, 2.0, face=face)
+        lines[name] = last_line(run("inference.py", "--run", tmp_path / "run", "--crops", work / "crops", "--image",
+                                    photo, "--embedding", tmp_path / f"{name}.npz").stdout)  # fmt: skip
+    assert "| embedding voted (weight 2, HOG face)" in lines["regression"] and "age 30-59 1.00" in lines["regression"]
+    # the tuned networks' vote, not the regression's sure one (their ages cycle over the same face: unsure)
+    assert "| face network voted (weight 2, HOG face)" in lines["tuned"] and "age 30-59 1.00" not in lines["tuned"]
+    (out / "fold1.pt").unlink()
+    proc = run("inference.py", "--run", tmp_path / "run", "--crops", work / "crops", "--image", photo,
+               "--embedding", tmp_path / "tuned.npz", check=False)  # fmt: skip
+    assert proc.returncode == 2 and last_line(proc.stderr).endswith(
+        f"fold1.pt: not found (rerun train_face.py --out {out})"
+    )
+
+
 def test_one_line_errors(work, tmp_path):
     proc = run("train_face.py", "--crops", work / "crops", "--embeddings", tmp_path / "none", "--folds",
                work / "folds.csv", "--out", tmp_path / "o", check=False)  # fmt: skip

@@ -97,10 +97,11 @@ def test_a_class_no_fitted_row_had_gets_the_floor():
 
 
 # ---- ensemble.py --embeddings through its command line, on hand-made logits and embeddings ----
-def ensemble_case(tmp_path, embedding_of, face_of=None):
+def ensemble_case(tmp_path, embedding_of, face_of=None, face_weights=False):
     """A run whose out-of-fold and test predictions know each image's mask and nothing of gender and age,
     and embed.py's files with embedding_of(rng, person's (gender, age) class, person index) per image; with
-    face_of, train_face.py's files too: face_of(rng, class) is an image's (6,) gender-age log-probabilities."""
+    face_of, train_face.py's files too: face_of(rng, class) is an image's (6,) gender-age log-probabilities (and
+    with face_weights a fold0.pt beside them, as train_face.py writes its fold networks)."""
     rng = np.random.default_rng(3)
     n_persons, n_test, shots = 240, 60, 3
     ga = rng.integers(0, 6, n_persons + n_test)  # each person's gender * 3 + age band
@@ -117,7 +118,7 @@ def ensemble_case(tmp_path, embedding_of, face_of=None):
     save_logprobs(tmp_path / "run" / "test_logits.npz", ids[test], {k: v[test] for k, v in views.items()})
     pd.DataFrame(dict(ImageID=ids[test], ans=label[test])).to_csv(tmp_path / "answers.csv", index=False)
     embedding = np.stack([embedding_of(rng, ga[i // shots], i // shots) for i in range(len(ids))]).astype(np.float32)
-    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb").mkdir(parents=True)
     for split, rows in (("train", train), ("eval", test)):  # embed.py's files, as ensemble.py reads them
         np.savez(tmp_path / "emb" / f"{split}.npz", image_id=np.array(ids[rows]), embedding=embedding[rows])
     face = []
@@ -127,6 +128,8 @@ def ensemble_case(tmp_path, embedding_of, face_of=None):
         for split, rows in (("train", train), ("eval", test)):  # train_face.py's files
             np.savez(tmp_path / "face" / f"{split}.npz", image_id=np.array(ids[rows]), gender_age=votes[rows])
         face = ["--face", tmp_path / "face"]
+        if face_weights:
+            (tmp_path / "face" / "fold0.pt").write_bytes(b"")  # ensemble.py only names the folder
     out = tmp_path / "sub.csv"
     run("ensemble.py", "--runs", tmp_path / "run", "--embeddings", tmp_path / "emb", *face, "--out", out,
         "--answers", tmp_path / "answers.csv")  # fmt: skip
@@ -176,6 +179,24 @@ def test_ensemble_applies_the_tuned_networks_votes_where_they_beat_the_embedding
     votes = rep["embeddings"]
     assert votes["applied"] == "face_image" and votes["oof_f1_face_image"] > votes["oof_f1_image"] + 0.2
     assert rep["test"]["gender_f1"] > 0.8 and rep["test"]["age_f1"] > 0.6  # the model alone: chance (0.5, 0.33)
+
+
+def test_one_photo_gets_the_tuned_networks_where_their_image_way_wins_and_their_weights_are_there(tmp_path):
+    """The image stacker ensemble.py saves for inference.py --image names the fine-tuned networks' folder when their
+    vote on each image on its own beat the regression's out of fold; without fold networks on disk it cannot."""
+    codes = np.random.default_rng(5).normal(size=(300, 16))
+    tuned = lambda rng, ga: log_softmax(np.eye(6)[ga] * 3 + rng.normal(size=6))  # noqa: E731
+    rep = ensemble_case(tmp_path / "a", lambda rng, ga, person: codes[person], face_of=tuned, face_weights=True)
+    saved = stacking.load_stacker(tmp_path / "a" / "sub_embedding.npz")
+    assert rep["embeddings"]["photo_vote"] == "face_image" and str(saved["face"]) == str(tmp_path / "a" / "face")
+    assert round(float(saved["oof_f1_with"]), 4) == rep["embeddings"]["oof_f1_face_image"]
+    rep = ensemble_case(tmp_path / "b", lambda rng, ga, person: codes[person], face_of=tuned)
+    saved = stacking.load_stacker(tmp_path / "b" / "sub_embedding.npz")
+    assert rep["embeddings"]["photo_vote"] == "image" and str(saved["face"]) == ""
+    # an embedding that knows, a tuned vote that does not: the regression stays the photo's
+    rep = ensemble_case(tmp_path / "c", lambda rng, ga, person: np.eye(6)[ga] * 2 + rng.normal(size=6),
+                        face_of=lambda rng, ga: log_softmax(rng.normal(size=6)), face_weights=True)  # fmt: skip
+    assert rep["embeddings"]["photo_vote"] == "image"
 
 
 def test_ensemble_says_which_image_the_tuned_network_did_not_predict(tmp_path):
