@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parent))
 from table import bench_rows  # noqa: E402
 
 from common import load_crops  # noqa: E402
-from ensemble import MATCH_SIZE, assign_shots, shot_groups  # noqa: E402
+from shots import MATCH_SIZE, assign_shots, shot_groups  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--crops", default="WORK/bench/crops")

@@ -321,7 +321,7 @@ def photo_persons(n, rng, same_top=True):
 
 
 def test_shot_groups_finds_each_persons_shots_in_real_photos():
-    from ensemble import shot_groups
+    from shots import shot_groups
 
     rng = np.random.default_rng(0)
     persons = photo_persons(20, rng)  # four windows of each of five photos: neighbours look alike
