@@ -85,10 +85,7 @@ def predict_images(paths, models, env, crops_dir, tta, stacker=None):
         vote = ""
         if stacker:
             views, found = stacking.vote_on_photo(stacker, face_models, views, crop, tuned)
-            voter = "face network" if tuned else "embedding"
-            vote = f" | {voter} voted (weight {float(stacker['weight']):g}, " + (
-                "HOG face)" if found else "no HOG face: fixed box)"
-            )
+            vote = " | " + stacking.vote_note(stacker, tuned, found)
         p = {k: np.exp(v[0]) for k, v in views.items()}
         c = int(p["label"].argmax())
         m, g, a = split_class(c)

@@ -187,8 +187,10 @@ def predict_photo(state, data):
     views = average_views([predict(m.model, images, torch.arange(1), env, m.mean, m.std, 1, state.args.tta)
                      for m in state.models])  # fmt: skip
     models_cls = int(views["label"][0].argmax())  # the heat map's class: the models' own answer, before any vote
+    vote = ""
     if state.stacker:  # the face embedding's (or the fine-tuned networks') vote on gender and age
-        views = stacking.vote_on_photo(state.stacker, state.face_models, views, crop, state.tuned)[0]
+        views, found = stacking.vote_on_photo(state.stacker, state.face_models, views, crop, state.tuned)
+        vote = stacking.vote_note(state.stacker, state.tuned, found)
     p = {k: np.exp(v[0]) for k, v in views.items()}
     cls = int(p["label"].argmax())
     t2 = time.perf_counter()
@@ -210,6 +212,7 @@ def predict_photo(state, data):
         face_found=info["face_found"],
         face_conf=info["face_conf"],
         note=note,
+        vote=vote,
         crop=png_url(crop),
         cam=png_url(heat_overlay(crop, cam)),
         seconds=dict(prepare=round(t1 - t0, 3), predict=round(t2 - t1, 3), grad_cam=round(t3 - t2, 3)),
@@ -493,6 +496,9 @@ def main():
     names = ", ".join(m.name for m in state.models)
     print(f"{run}: {len(state.models)} model(s) ({names}), {state.models[0].cfg.backbone} at {state.img_size} px, "
           f"tta {args.tta}; audit: {state.audit.note}")  # fmt: skip
+    if state.stacker:
+        voter = f"the {len(state.tuned)} fine-tuned face networks" if state.tuned else "the face embedding's regression"
+        print(f"{args.embedding}: {voter} vote on gender and age (weight {float(state.stacker['weight']):g})")
     try:  # one photo through every step now: a missing package or model fails here, not on the first upload
         import captum  # noqa: F401
     except ImportError:

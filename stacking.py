@@ -145,6 +145,12 @@ def vote_on_photo(saved, face_models, views, crop, tuned=None):
     return voted(views, vote, float(saved["weight"])), found
 
 
+def vote_note(saved, tuned, found):
+    """What voted on one photo's gender and age, as inference.py's line and serve.py's page say it."""
+    voter = "face network" if tuned else "embedding"
+    return f"{voter} voted (weight {float(saved['weight']):g}, " + ("HOG face)" if found else "no HOG face: fixed box)")
+
+
 def with_gender_age(views, gender_age_logp):
     """A logits dict (label 18, mask 3, gender 2, age 3) with (gender, age band) replaced by `gender_age_logp`:
     label = the model's mask + the stacked (gender, age); gender and age views are its marginals."""

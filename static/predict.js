@@ -72,7 +72,8 @@ function render(out, name) {
   }
   const s = out.seconds;
   $("timing").textContent = `face crop ${(1000 * s.prepare).toFixed(0)} ms, prediction ${(1000 * s.predict).toFixed(0)} ms, ` +
-    `heat map ${(1000 * s.grad_cam).toFixed(0)} ms` + (out.face_found ? `; face found (confidence ${out.face_conf.toFixed(2)})` : "");
+    `heat map ${(1000 * s.grad_cam).toFixed(0)} ms` + (out.face_found ? `; face found (confidence ${out.face_conf.toFixed(2)})` : "") +
+    (out.vote ? `; gender and age: ${out.vote}` : "");
   $("result").hidden = false;
 }
 

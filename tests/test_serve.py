@@ -170,6 +170,7 @@ def test_predict_page_answers_with_bars_and_heat_map_and_explains_bad_uploads(se
 
     gender, age = ([w for t, w in bars if t == task] for task in ("gender", "age"))
     assert gender[1] > 90 and age[1] > 90  # female, 30-59: the embedding's vote shows
+    assert "gender and age: embedding voted (weight 2, " in page.inner_text("#timing")  # and the page says so
 
     # the page prepares and predicts a photo as inference.py --image --embedding does
     line = last_line(run("inference.py", "--run", server.work / "run", "--crops", server.work / "crops",
