@@ -57,6 +57,8 @@ parser.add_argument("--weight-decay", type=float, default=1e-4)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--age-edges", type=float, nargs="+", default=[30.0, 60.0],
                     help="the age head's bins, 30 and 60 among the edges (summed into bands for the vote)")  # fmt: skip
+parser.add_argument("--old-age", type=float, default=60,
+                    help="training targets: the age head's old band starts here (its vote, scores: 60)")  # fmt: skip
 parser.add_argument("--shift", type=int, default=6, help="random shift of a batch's chips, pixels (and flips)")
 parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 where the CPU or GPU has it, else fp32")  # fmt: skip
@@ -255,7 +257,14 @@ def main():
     edges = args.age_edges
     if sorted(set(edges)) != edges or not {30, 60} <= set(edges):
         raise InputError(f"--age-edges {' '.join(map(str, edges))}: increasing, and 30 and 60 among them")
-    index["age_bin"] = np.digitize(index["age"].astype(float), edges) if edges != [30, 60] else index["age_band"]
+    # the head learns "old" from --old-age on; its last bins still vote as the 60-and-over band
+    training_edges = [args.old_age if edge == 60 else edge for edge in edges]
+    if sorted(set(training_edges)) != training_edges:
+        around = " ".join(f"{edge:g}" for edge in edges)
+        raise InputError(f"--old-age {args.old_age:g}: between the age edges around 60 ({around})")
+    index["age_bin"] = (
+        index["age_band"] if training_edges == [30, 60] else np.digitize(index["age"].astype(float), training_edges)
+    )
     test = load_split(args, "eval", face_models)
     folds = sorted(set(args.use_folds or fold_of.astype(int).unique().tolist()))
     unknown = sorted(set(folds) - set(index["fold"]))

@@ -82,6 +82,13 @@ def test_the_stage_writes_out_of_fold_votes_for_every_shot_and_keeps_finished_fo
     assert "already done" not in finer.stdout
     finer_votes = load(tmp_path / "finer" / "train.npz")["gender_age"]
     assert finer_votes.shape == (42, 6) and np.allclose(logsumexp(finer_votes, axis=1), 0, atol=1e-6)
+    # the old band trained from 45 (the 45-year-olds become old for the head): other votes, still on the 3 bands
+    older = train_face(work, tmp_path / "older", "--use-folds", "0", "--old-age", "45")
+    assert "already done" not in older.stdout
+    older_votes = load(tmp_path / "older" / "train.npz")
+    same_rows = pd.Series(np.arange(84), index=train["image_id"]).loc[older_votes["image_id"]].to_numpy()
+    assert older_votes["gender_age"].shape == (42, 6)
+    assert not np.allclose(older_votes["gender_age"], train["gender_age"][same_rows], atol=1e-3)
 
 
 def crops_changed(work, folder, relabel_fold=None, flip_eval=False):
@@ -188,6 +195,10 @@ def test_one_line_errors(work, tmp_path):
     assert proc.returncode != 0 and "not found (run split.py first)" in last_line(proc.stderr)
     proc = train_face(work, tmp_path / "o", "--age-edges", "20", "40", check=False)
     assert proc.returncode == 2 and "30 and 60 among them" in last_line(proc.stderr)
+    proc = train_face(work, tmp_path / "o", "--old-age", "25", check=False)
+    assert proc.returncode == 2 and last_line(proc.stderr).endswith(
+        "--old-age 25: between the age edges around 60 (30 60)"
+    )
     proc = train_face(work, tmp_path / "o", "--use-folds", "7", check=False)
     assert proc.returncode == 2 and last_line(proc.stderr).endswith(
         f"--use-folds 7: no such fold in {work / 'folds.csv'}"
