@@ -58,7 +58,7 @@ parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--age-edges", type=float, nargs="+", default=[30.0, 60.0],
                     help="the age head's bins, 30 and 60 among the edges (summed into bands for the vote)")  # fmt: skip
 parser.add_argument("--old-age", type=float, default=60,
-                    help="training targets: the age head's old band starts here (its vote, scores: 60)")  # fmt: skip
+                    help="training targets only: the age head's old band starts here (votes, scores: 60)")  # fmt: skip
 parser.add_argument("--shift", type=int, default=6, help="random shift of a batch's chips, pixels (and flips)")
 parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 where the CPU or GPU has it, else fp32")  # fmt: skip
