@@ -62,7 +62,9 @@ SEEDS ?= 0
 PSEUDO ?= 0
 # FULL=1: each run also trains one model on every training person (--fold full, for the epochs its folds chose),
 # averaged with the fold models at inference. Nested CV on the bench train split: +0.013 macro F1 with the rule
-# (18 of 20 pairs), for one fold's time (25 min in all, instead of 21); eval +0.007 with the offsets (EXPERIMENTS.md)
+# (18 of 20 pairs), for one fold's time (25 min in all, instead of 21); eval +0.007 with the offsets (EXPERIMENTS.md).
+# The face stage too (train_face.py --full): one network on every person votes on the eval images in place of the
+# fold networks' mean; nested CV: rule +0.010 (4 of 4 pairs), 1.6 min more, minus the folds' eval votes
 FULL ?= 1
 NFOLDS ?= 5
 SEED ?= 42
@@ -81,8 +83,8 @@ EMBED ?= 1
 EMBED_FLAGS ?=
 # FACE=1 (with EMBED=1): dlib's network is fine-tuned for gender and age on each fold's unmasked shots
 # (train_face.py), and its out-of-fold votes are tried beside the regression on the frozen embedding (--face).
-# Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the frozen vote, eval 0.670 and
-# 0.654 (gender 0.9645, age 0.715 and 0.698), 8.3 min (EXPERIMENTS.md)
+# Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the frozen vote, eval 0.674 and
+# 0.654 (gender 0.968 and 0.974, age 0.717 and 0.696), 8.7 min with FULL=1 (EXPERIMENTS.md)
 FACE ?= $(EMBED)
 FACE_FLAGS ?=
 CROP_SIZE ?= 256
@@ -144,7 +146,7 @@ infer_flags = --tta $(TTA) --use-folds $(subst $(space),$(comma),$(strip $(MODEL
 ensemble_flags = --weights $(WEIGHTS) $(ENSEMBLE_FLAGS) $(if $(filter 1,$(EMBED)),--embeddings $(WORK)/embeddings) \
 	$(if $(filter 1,$(FACE)),--face $(WORK)/face)
 embed_flags = $(EMBED_FLAGS)
-face_flags = --use-folds $(FOLDS) $(FACE_FLAGS)
+face_flags = --use-folds $(FOLDS) $(if $(filter 1,$(FULL)),--full) $(FACE_FLAGS)
 flags = --backbone $(BACKBONE) --img-size $(IMG_SIZE) --epochs $(call epochs,$(call upper,$(1))) \
 	--batch-size $(BATCH) $(TRAIN_FLAGS) $($(call upper,$(1))_FLAGS)
 # a model's run for one seed: single (seed 0, the trainers' default), single_seed1 (--seed 1), ...

@@ -387,7 +387,7 @@ def main():
         report["group_shots"]["test_groups"] = int(len(np.unique(groups)))
     if stack:
         way, stacker = stack
-        if stacker is None:  # the fine-tuned network's vote: the fold models' mean on each eval image
+        if stacker is None:  # the fine-tuned network's vote: train_face.py's eval.npz
             face_ga, base = stack_input(
                 way.removeprefix("face_"), combined, load_face(args.face, "eval", test_ids), groups
             )

@@ -146,7 +146,8 @@ def predict_tuned(net, heads, chips, edges, device="cpu", autocast=contextlib.nu
 
 
 def load_tuned(folder):
-    """train_face.py's fold networks (the folds its report.json names), as [(network, heads, age edges)]."""
+    """train_face.py's networks that vote on the eval images (its report.json's vote_folds: the fold networks, or
+    with --full the one on every person), as [(network, heads, age edges)]."""
     import torch
     from torch import nn
 
@@ -156,7 +157,8 @@ def load_tuned(folder):
     if not report.is_file():
         raise InputError(f"{folder}: no report.json (run train_face.py --out {folder})")
     tuned = []
-    for fold in json.loads(report.read_text())["folds"]:
+    saved = json.loads(report.read_text())
+    for fold in saved.get("vote_folds", saved["folds"]):
         path = Path(folder) / f"fold{fold}.pt"
         if not path.is_file():
             raise InputError(f"{path}: not found (rerun train_face.py --out {folder})")
@@ -171,7 +173,7 @@ def load_tuned(folder):
 
 
 def tuned_vote(tuned, chips):
-    """(n, 6) gender-age log-probabilities of chips: the fold networks' mean probability, as train_face.py's
+    """(n, 6) gender-age log-probabilities of chips: the voting networks' mean probability, as train_face.py's
     eval.npz holds for the eval images."""
     proba = [np.exp(gender_age_logp(*predict_tuned(net, heads, chips, edges))) for net, heads, edges in tuned]
     return np.log(np.mean(proba, axis=0))

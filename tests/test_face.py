@@ -186,6 +186,36 @@ def test_one_photo_gets_the_fold_networks_vote_as_the_eval_set_did(work, tmp_pat
     )
 
 
+def test_full_trains_one_more_network_on_every_person_and_it_alone_votes_on_the_eval_images(work, tmp_path):
+    """--full: the fold networks' out-of-fold votes stay what they were to the last bit (the rule is fitted on
+    them); foldfull.pt, trained on every person, gives the eval votes and one photo's, and a rerun keeps it."""
+    import faceembed
+
+    folds_only, full = tmp_path / "folds_only", tmp_path / "full"
+    train_face(work, folds_only, "--use-folds", "0", "--precision", "fp32")
+    proc = train_face(work, full, "--use-folds", "0", "--full", "--precision", "fp32")
+    assert np.array_equal(load(full / "train.npz")["gender_age"], load(folds_only / "train.npz")["gender_age"])
+    report = json.loads((full / "report.json").read_text())
+    assert report["folds"] == [0] and report["vote_folds"] == ["full"] and report["oof_images"] == 42
+    log = pd.read_csv(full / "log.csv")
+    assert log["fold"].astype(str).tolist() == ["0", "0", "full", "full"]
+    assert log["gender_logloss"].isna().tolist() == [False, False, True, True]  # it holds no one out
+    assert "fold full epoch 2" in proc.stderr
+
+    tuned = faceembed.load_tuned(full)
+    assert len(tuned) == 1  # foldfull.pt alone, not fold0.pt
+    crop = np.load(work / "crops" / "eval_u8.npy")[0]
+    chip, _ = faceembed.photo_chip(faceembed.load_models(faceembed.model_folder()), crop)
+    eval_votes = load(full / "eval.npz")["gender_age"]
+    assert np.abs(faceembed.tuned_vote(tuned, chip[None]) - eval_votes).max() < 1e-5
+    assert not np.allclose(eval_votes, load(folds_only / "eval.npz")["gender_age"], atol=1e-4)  # not fold 0's
+
+    (full / "eval.npz").unlink()
+    again = train_face(work, full, "--use-folds", "0", "--full", "--precision", "fp32")
+    assert "fold 0: already done" in again.stdout and "fold full: already done" in again.stdout
+    assert np.array_equal(load(full / "eval.npz")["gender_age"], eval_votes)
+
+
 def test_one_line_errors(work, tmp_path):
     proc = run("train_face.py", "--crops", work / "crops", "--embeddings", tmp_path / "none", "--folds",
                work / "folds.csv", "--out", tmp_path / "o", check=False)  # fmt: skip

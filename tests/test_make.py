@@ -190,7 +190,8 @@ def test_the_face_stages_come_before_the_ensemble_and_can_be_left_out(tmp_path):
     }
     assert step["embed.py"] < step["train_face.py"] < step["ensemble.py"]
     assert f"--embeddings {tmp_path}/embeddings --face {tmp_path}/face" in lines[step["ensemble.py"]]
-    assert "--use-folds 0 1 2 3 4" in "".join(lines[step["train_face.py"] : step["train_face.py"] + 2])
+    assert "--use-folds 0 1 2 3 4 --full" in "".join(lines[step["train_face.py"] : step["train_face.py"] + 2])
+    assert "--full" not in "".join(plan("FULL=0").split("train_face.py")[1:2])  # FULL: the models' and the face's
     no_face = plan("FACE=0")
     assert "embed.py" in no_face and "train_face.py" not in no_face and "--face" not in no_face
     no_embed = plan("EMBED=0")
