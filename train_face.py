@@ -6,7 +6,7 @@ For each fold of folds.csv: two heads (gender, age band) start as logistic regre
 embeddings (embed.py's), then the whole network and the heads train together on the training persons' unmasked
 (`normal`) shots, at a small learning rate (linear probe, then fine-tune: the heads do not wreck the network at the
 start). The fold's model then predicts every shot of its held-out persons and every eval image; with --full (as
-make all runs it) one more network trains on every person, and it alone votes on the eval images. Writes
+make all runs it) one more network trains on every person, and it alone predicts the eval images. Writes
 
     WORK/face/train.npz    image_id, gender_age (n, 6) log-probabilities, out of fold: each from a model that never
                            saw the person (gender * 3 + age band, the 18-class label modulo 6)
@@ -132,7 +132,7 @@ def scores(target, logp):
 # ---- one fold ------------------------------------------------------------------------
 def train_fold(fold, args, base, train, test, env):
     """Linear probe, then fine-tune on the other folds' unmasked shots (fold "full": on every person's); returns
-    the held-out persons' rows and (n, 6) log-probs, the eval images' probabilities (None without `test`), the
+    the held-out persons' rows and (n, 6) log-probs, the eval images' probabilities (none without `test`), the
     frozen probe's held-out log-probs, the log, and the weights (network, heads, age edges)."""
     index, embedding, chips = train
     is_held = index["fold"].to_numpy() == fold if fold != "full" else np.zeros(len(index), bool)
@@ -186,10 +186,9 @@ def train_fold(fold, args, base, train, test, env):
             log[-1].update(scores(gender[val] * 3 + index["age_band"].to_numpy()[val], gender_age_logp(pg, pa)))
         log[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         print(log[-1], flush=True)
-    oof = np.empty((0, 6))
+    oof, eval_proba = np.empty((0, 6)), np.empty((0, 6))
     if len(held):
         oof = gender_age_logp(*predict_tuned(net, heads, chips[held], edges, env.device, env.autocast))
-    eval_proba = None
     if test is not None:
         eval_proba = np.exp(gender_age_logp(*predict_tuned(net, heads, test[2], edges, env.device, env.autocast)))
     weights = dict(net=net.state_dict(), heads=heads.state_dict(), age_edges=torch.tensor(edges, dtype=torch.float64))
@@ -299,7 +298,6 @@ def main():
             held, fold_oof, fold_eval, fold_frozen, fold_log, weights = train_fold(
                 fold, args, face_models["resnet"], train, test if fold in vote_folds else None, env
             )
-            fold_eval = np.empty((0, 6)) if fold_eval is None else fold_eval
             with atomic_path(out / f"fold{fold}.pt") as tmp:  # one photo's vote (inference.py, serve.py)
                 torch.save(weights, tmp)
             with atomic_path(done_path) as tmp:
