@@ -169,7 +169,7 @@ endif
 endif
 endef
 ifneq ($(filter-out help install lint test test-fast clean demo serve bench,$(or $(MAKECMDGOALS),help)),)
-$(eval $(call record,$(WORK)/preprocess_flags.txt,$(prep_flags)))
+$(eval $(call record,$(WORK)/preprocess_flags.txt,--data $(DATA) $(prep_flags)))
 $(foreach m,$(MODELS),$(foreach s,$(SEEDS),\
 	$(eval $(call record,$(WORK)/runs/$(call run_of,$(m),$(s))/flags.txt,$(call run_flags,$(m),$(s))))))
 ifeq ($(PSEUDO),1)
@@ -182,17 +182,20 @@ $(eval $(call record,$(WORK)/embed_flags.txt,embed.py $(embed_flags)))  # (never
 $(eval $(call record,$(WORK)/face_flags.txt,$(face_flags)))
 endif
 
-# ---- 1. crops (eval.csv is written last: its presence means the stage finished; a rerun redoes only
-# images whose settings changed)
-$(WORK)/crops/eval.csv: $(WORK)/preprocess_flags.txt | $(STAMP)
-	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --workers $(WORKERS) --preview 16 $(prep_flags)
+# ---- 1. crops, a split at a time (its index, train.csv or eval.csv, is written last: its presence means the split
+# is done; a rerun redoes only photos that are new or changed, or whose settings changed). New eval photos redo the
+# eval split alone: no model trains again, the models and the face networks only predict them
+$(WORK)/crops/train.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/train/train.csv $(DATA)/train/images) | $(STAMP)
+	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --splits train --workers $(WORKERS) --preview 16 $(prep_flags)
+$(WORK)/crops/eval.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/eval/info.csv $(DATA)/eval/images) | $(STAMP)
+	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --splits eval --workers $(WORKERS) $(prep_flags)
 
 # ---- 2. folds
-$(WORK)/folds.csv: $(WORK)/crops/eval.csv
+$(WORK)/folds.csv: $(WORK)/crops/train.csv
 	$(PY) split.py --crops $(WORK)/crops --folds $(NFOLDS) --seed $(SEED) --out $@
 
 # ---- 2b. face embeddings (eval.npz is written last; a rerun keeps the finished chunks)
-$(WORK)/embeddings/eval.npz: $(WORK)/embed_flags.txt $(WORK)/crops/eval.csv
+$(WORK)/embeddings/eval.npz: $(WORK)/embed_flags.txt $(WORK)/crops/train.csv $(WORK)/crops/eval.csv
 	$(PY) embed.py --crops $(WORK)/crops --out $(WORK)/embeddings --workers $(WORKERS) $(embed_flags)
 
 # ---- 2c. the face network fine-tuned for gender and age, out of fold (eval.npz is written last; a rerun
@@ -217,7 +220,8 @@ $(foreach m,$(MODELS),$(foreach s,$(SEEDS),$(foreach k,$(MODEL_FOLDS),\
 endif
 
 # ---- 4. predict the eval set with each run (its fold models, and with FULL=1 the one on every person, averaged)
-$(WORK)/runs/%/test_logits.npz: $(WORK)/inference_flags.txt $(foreach k,$(MODEL_FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json)
+$(WORK)/runs/%/test_logits.npz: $(WORK)/inference_flags.txt $(foreach k,$(MODEL_FOLDS),$(WORK)/runs/%/fold$(k)/metrics.json) \
+		$(WORK)/crops/eval.csv
 	$(PY) inference.py --run $(WORK)/runs/$* --crops $(WORK)/crops $(infer_flags) $(if $(ANSWERS),--answers $(ANSWERS))
 
 # ---- 5. ensemble -> the submission (with PSEUDO=1: -> round1.csv, and the second round's -> the submission)

@@ -203,7 +203,7 @@ def load_crops(crops_dir, split, img_size=None):
     """Index of a split and its uint8 cache (N, img_size, img_size, 3) as a copy-on-write memory map
     (writable, so torch.from_numpy takes it as it is; a write stays in the process). A cache at another
     size is resized once and kept beside it (crops/<split>_u8_<size>.npy), so every later run and every
-    torchrun process maps the same file: no copies."""
+    torchrun process maps the same file: no copies; new crops (preprocess.py again) resize it again."""
     crops_dir = Path(crops_dir)
     index_path, cache_path = crops_dir / f"{split}.csv", crops_dir / f"{split}_u8.npy"
     if not index_path.is_file() or not cache_path.is_file():
@@ -214,7 +214,8 @@ def load_crops(crops_dir, split, img_size=None):
         raise InputError(f"{cache_path} has {cache.shape[0]} rows, {index_path} {len(index)}: rerun preprocess.py")
     if img_size is not None and cache.shape[1] != img_size:  # None: as preprocess.py made it
         sized = crops_dir / f"{split}_u8_{img_size}.npy"
-        if not sized.is_file() or np.load(sized, mmap_mode="r").shape[0] != len(index):
+        stale = not sized.is_file() or sized.stat().st_mtime_ns < cache_path.stat().st_mtime_ns
+        if stale or np.load(sized, mmap_mode="r").shape[0] != len(index):
             with atomic_path(sized) as tmp:
                 out = np.lib.format.open_memmap(
                     tmp, mode="w+", dtype=np.uint8, shape=(len(index), img_size, img_size, 3)

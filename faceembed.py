@@ -148,11 +148,6 @@ def predict_tuned(net, heads, chips, edges, device="cpu", autocast=contextlib.nu
 def load_tuned(folder):
     """train_face.py's networks that vote on the eval images (its report.json's vote_folds: the fold networks, or
     with --full the one on every person), as [(network, heads, age edges)]."""
-    import torch
-    from torch import nn
-
-    from dlibnet import EMBED_DIM, DlibResNet
-
     report = Path(folder) / "report.json"
     if not report.is_file():
         raise InputError(f"{folder}: no report.json (run train_face.py --out {folder})")
@@ -162,14 +157,24 @@ def load_tuned(folder):
         path = Path(folder) / f"fold{fold}.pt"
         if not path.is_file():
             raise InputError(f"{path}: not found (rerun train_face.py --out {folder})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        edges = state["age_edges"].tolist()
-        net = DlibResNet()
-        net.load_state_dict(state["net"])
-        heads = nn.ModuleDict(dict(gender=nn.Linear(EMBED_DIM, 2), age=nn.Linear(EMBED_DIM, len(edges) + 1)))
-        heads.load_state_dict(state["heads"])
-        tuned.append((net.eval(), heads.eval(), edges))
+        tuned.append(load_fold(path))
     return tuned
+
+
+def load_fold(path):
+    """One of train_face.py's fold<k>.pt as (network, heads, age edges), ready to predict on the CPU."""
+    import torch
+    from torch import nn
+
+    from dlibnet import EMBED_DIM, DlibResNet
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    edges = state["age_edges"].tolist()
+    net = DlibResNet()
+    net.load_state_dict(state["net"])
+    heads = nn.ModuleDict(dict(gender=nn.Linear(EMBED_DIM, 2), age=nn.Linear(EMBED_DIM, len(edges) + 1)))
+    heads.load_state_dict(state["heads"])
+    return net.eval(), heads.eval(), edges
 
 
 def tuned_vote(tuned, chips):

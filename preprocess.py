@@ -9,10 +9,11 @@ background by a neutral colour, and the crop is saved as a PNG that records its 
     WORK/crops/train/<person_id>/<shot>.png, WORK/crops/eval/<name>.png   the crops
     WORK/crops/train_u8.npy, eval_u8.npy    packed uint8 (N, size, size, 3), rows in index order
     WORK/crops/train.csv, eval.csv          index: image_id, person_id, file, labels, face_found, box, bg_replaced
-    WORK/crops/report.csv                   every bad file, row and folder, and what was done with it
+    WORK/crops/train_report.csv, eval_report.csv   every bad file, row and folder, and what was done with it
     WORK/crops/preview.png                  with --preview N: originals beside their crops
 
-Parallel over --workers processes; a rerun after an interruption keeps the finished crops.
+Parallel over --workers processes; a rerun keeps the finished crops: those of the same photo (its sha1) with the
+same settings. --splits eval redoes the eval set alone (make does, for new eval photos: no model trains again).
 2-core CPU: the 11,200 images of the utkmask bench in about 13 minutes on an Intel one (AMX), 30 on an AMD
 EPYC (AVX2), where u2netp takes 90 % of the time (208 ms per image on one core; bench/preprocess_bench.py).
 Those photos are framed at the face and u2netp keeps the whole frame (0.1 % of each crop replaced): --bg none
@@ -20,6 +21,7 @@ makes the same crops in 4 minutes there. A run prints the share replaced (column
 """
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -72,12 +74,12 @@ def init_worker(settings):
 
 
 def process(job):
-    """(row, source, dest) -> (row, crop or None, info). The PNG is the unit of work:
+    """(row, source, dest, the source's sha1) -> (row, crop or None, info). The PNG is the unit of work:
     written atomically with its info inside, so a rerun can take it as finished."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    row, source, dest = job
+    row, source, dest, source_sha1 = job
     s = worker["settings"]
     rgb, err = load_rgb(source)
     if err:
@@ -92,6 +94,7 @@ def process(job):
         s["min_conf"],
         s["bg_context"],
     )
+    info["source_sha1"] = source_sha1
     meta = PngInfo()
     meta.add_text("maskcls", json.dumps(dict(info, settings=s)))
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,16 @@ def process(job):
     return row, crop, info
 
 
-def finished_crop(dest, settings):
-    """Info of a crop made earlier with the same settings, else None."""
+def file_sha1(path):
+    """A photo's fingerprint: a crop is kept only for the same photo (a new photo under an old name is cropped)."""
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:  # (a file that cannot be read is reported where it is cropped)
+        return ""
+
+
+def finished_crop(dest, settings, source_sha1):
+    """Info of a crop made earlier from the same photo with the same settings, else None."""
     from PIL import Image
 
     try:
@@ -109,7 +120,7 @@ def finished_crop(dest, settings):
             meta = json.loads(im.text.get("maskcls", "{}"))
     except (OSError, ValueError):
         return None
-    return meta if meta.get("settings") == settings else None
+    return meta if meta.get("settings") == settings and meta.get("source_sha1") == source_sha1 else None
 
 
 def crop_split(split, table, out, settings, pool, problems):
@@ -128,13 +139,14 @@ def crop_split(split, table, out, settings, pool, problems):
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(table), size, size, 3))
         todo = []
         for row, file in enumerate(table["file"]):
-            done = finished_crop(out / file, settings)
+            source_sha1 = file_sha1(table.at[row, "source"])
+            done = finished_crop(out / file, settings, source_sha1)
             if done:
                 info[row] = done
                 with Image.open(out / file) as im:
                     cache[row] = np.asarray(im.convert("RGB"))
             else:
-                todo.append((row, table.at[row, "source"], str(out / file)))
+                todo.append((row, table.at[row, "source"], str(out / file), source_sha1))
         if len(todo) < len(table):
             print(f"{split}: {len(table) - len(todo)} crops already done, {len(todo)} to go")
         bar = tqdm(total=len(todo), desc=f"crop {split}", unit="img", smoothing=0.05)
@@ -210,19 +222,14 @@ def main():
         stale.unlink()
 
     # ---- read the data layout ----
-    tables, reports = {}, []
+    tables, problems = {}, {}
     if "train" in args.splits:
-        tables["train"], train_problems, changes = read_train(args.data, args.on_bad, relabel)
-        reports.append(train_problems)
+        tables["train"], problems["train"], changes = read_train(args.data, args.on_bad, relabel)
         print(f"train: {tables['train']['person_id'].nunique()} persons, {len(tables['train'])} images")
         print(f"relabel: {len(changes)} fixes applied" + "".join(f"\n  {c}" for c in changes))
     if "eval" in args.splits:
-        tables["eval"], eval_problems = read_eval(args.data, args.on_bad)
-        reports.append(eval_problems)
+        tables["eval"], problems["eval"] = read_eval(args.data, args.on_bad)
         print(f"eval: {len(tables['eval'])} images")
-    problems = reports[0]
-    for p in reports[1:]:
-        problems.rows += p.rows
 
     # ---- crop (train first; eval.csv is written last, so its presence means all is done) ----
     if args.workers > 1:  # one pool for both splits: each worker loads the models once
@@ -232,7 +239,7 @@ def main():
         init_worker(settings)
     try:
         for split, table in tables.items():
-            index = crop_split(split, table, out, settings, pool, problems)
+            index = crop_split(split, table, out, settings, pool, problems[split])
             found = index["face_found"].mean() if len(index) else 0
             print(f"{split}: faces found in {found:.1%}; {(~index['face_found']).sum()} fallback crops")
             if args.bg == "rembg" and index["bg_replaced"].notna().any():
@@ -243,10 +250,12 @@ def main():
             save_csv(index, out / f"{split}.csv")
             tables[split] = index
     finally:
-        save_csv(problems.frame(), out / "report.csv")
+        for split, found in problems.items():  # a report a split, as either split can be redone alone
+            save_csv(found.frame(), out / f"{split}_report.csv")
         if pool is not None:
             pool.terminate()
-    print(f"report: {problems.summary()} (details in {out / 'report.csv'})")
+    for split, found in problems.items():
+        print(f"{split} report: {found.summary()} (details in {out / f'{split}_report.csv'})")
     if args.preview and "train" in tables:
         preview(out, tables["train"], args.preview)
         print(f"wrote {out / 'preview.png'}")

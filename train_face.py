@@ -19,8 +19,9 @@ ensemble.py --face WORK/face lets these vote on gender and age in place of the r
 embedding (--embeddings). Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.637 and 0.621 -> 0.624 over the
 frozen vote; eval gender F1 0.961 / 0.958 -> 0.9645, age F1 0.688 / 0.666 -> 0.715 / 0.698 (EXPERIMENTS.md).
 The aligned 150 px chips are cut again from the crops in the boxes embed.py recorded (landmarks, no HOG).
-A finished fold is kept (fold<k>.npz and .pt): a rerun after a kill goes on from the next; a fold made from other chips,
-labels or eval images (a new eval set, relabelled persons) is trained again. --full (nested CV on the bench train
+A finished fold is kept (fold<k>.npz and .pt): a rerun after a kill goes on from the next; a fold made from other
+training chips or labels (relabelled persons) is trained again; new eval images are only predicted by the saved
+networks (seconds). --full (nested CV on the bench train
 split: rule OOF +0.010 over the fold networks' mean, 4 of 4 pairs; eval 0.670 -> 0.674 and 0.654 -> 0.654).
 About 1.5 min a fold of the bench set (1,040 persons, 8 epochs), 1.6 for the full one: 8.7 min in all with --full,
 on a 2-core AMD EPYC with bf16 units. Needs dlib (requirements-nodeps.txt). Uses CUDA when present.
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from common import InputError, atomic_path, load_crops, make_env, run_main, save_csv, save_figure, save_json
 from dlibnet import chips_to_tensor
-from faceembed import bands, face_chip, gender_age_logp, load_models, model_folder, predict_tuned
+from faceembed import bands, face_chip, gender_age_logp, load_fold, load_models, model_folder, predict_tuned
 
 # ---- knobs -----------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,31 +196,37 @@ def train_fold(fold, args, base, train, test, env):
     return held, oof, eval_proba, frozen, log, weights
 
 
-def inputs_key(train, test):
-    """A fingerprint of what a fold's results rest on besides the settings: the chips and labels of the training
-    images and the eval images' chips. A fold file's eval votes are for the eval set it was trained beside."""
+def fingerprint(index, chips, labels=()):
+    """A fingerprint of images (ids and chips, and the named label columns): what a fold's results rest on
+    besides the settings. The training images' decide whether a fold is trained again, the eval images' only
+    whether its saved network predicts them again."""
     digest = hashlib.sha1()
-    for index, _, chips in (train, test):
-        digest.update("\n".join(index["image_id"].astype(str)).encode())
-        digest.update(np.ascontiguousarray(chips).data)
-    digest.update(train[0][["gender", "age_band", "age"]].astype(float).to_numpy().tobytes())
+    digest.update("\n".join(index["image_id"].astype(str)).encode())
+    digest.update(np.ascontiguousarray(chips).data)
+    digest.update(index[list(labels)].astype(float).to_numpy().tobytes())
     return digest.hexdigest()
 
 
-def finished_fold(path, settings, image_ids, inputs):
-    """A fold file made with the same settings from the same inputs for the same held-out images, with its
-    weights beside it (fold<k>.pt, written first), as a dict, else None."""
+def finished_fold(path, settings, image_ids, trained_on):
+    """A fold file made with the same settings from the same training images for the same held-out images, with
+    its weights beside it (fold<k>.pt, written first), as a dict, else None."""
     if not path.with_suffix(".pt").is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             held = z["held"]
-            same = (json.loads(str(z["settings"])) == settings and str(z["inputs"]) == inputs
+            same = (json.loads(str(z["settings"])) == settings and str(z["trained_on"]) == trained_on
                     and held.max(initial=-1) < len(image_ids)
                     and np.array_equal(z["image_id"], image_ids[held]))  # fmt: skip
             return {k: z[k] for k in z.files} if same else None
     except (OSError, ValueError, KeyError):
         return None
+
+
+def save_fold(path, **arrays):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def write_curves(log, path):
@@ -284,33 +291,44 @@ def main():
     oof, frozen = np.full((len(index), 6), np.nan), np.full((len(index), 6), np.nan)
     eval_proba, log = [], []
     # what a finished fold was made with (the folds themselves are each file's own)
-    # (paths are not settings: inputs_key says whether what they hold changed)
+    # (paths are not settings: the fingerprints say whether what they hold changed; nor is --full: it adds a
+    # network and leaves the fold networks as they are)
     settings = {
-        k: v for k, v in vars(args).items() if k not in ("crops", "embeddings", "folds", "out", "models", "use_folds")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("crops", "embeddings", "folds", "out", "models", "use_folds", "full")
     }
-    inputs = inputs_key(train, test)
+    trained_on = fingerprint(index, train[2], ("gender", "age_band", "age"))
+    eval_images = fingerprint(test[0], test[2])
     # --full: the network on every person votes on the eval images; the fold networks give the out-of-fold votes
     vote_folds = ["full"] if args.full else folds
     for fold in folds + (["full"] if args.full else []):
-        done_path = out / f"fold{fold}.npz"
-        done = finished_fold(done_path, settings, index["image_id"].to_numpy(str), inputs)
+        done_path, weights_path = out / f"fold{fold}.npz", out / f"fold{fold}.pt"
+        votes_on_eval = fold in vote_folds
+        done = finished_fold(done_path, settings, index["image_id"].to_numpy(str), trained_on)
         if done is None:
             held, fold_oof, fold_eval, fold_frozen, fold_log, weights = train_fold(
-                fold, args, face_models["resnet"], train, test if fold in vote_folds else None, env
+                fold, args, face_models["resnet"], train, test if votes_on_eval else None, env
             )
-            with atomic_path(out / f"fold{fold}.pt") as tmp:  # one photo's vote (inference.py, serve.py)
+            with atomic_path(weights_path) as tmp:  # one photo's vote (inference.py, serve.py)
                 torch.save(weights, tmp)
-            with atomic_path(done_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, held=held, image_id=index["image_id"].to_numpy(str)[held], oof=fold_oof, eval=fold_eval,
-                             frozen=fold_frozen, log=json.dumps(fold_log), settings=json.dumps(settings),
-                             inputs=inputs)  # fmt: skip
+            done = dict(held=held, image_id=index["image_id"].to_numpy(str)[held], oof=fold_oof, eval=fold_eval,
+                        eval_images=eval_images if votes_on_eval else "", frozen=fold_frozen, log=json.dumps(fold_log),
+                        settings=json.dumps(settings), trained_on=trained_on)  # fmt: skip
+            save_fold(done_path, **done)
+        elif votes_on_eval and str(done["eval_images"]) != eval_images:
+            # trained already, on the same persons: only the eval images are new (or it did not vote before)
+            print(f"fold {fold}: trained already ({weights_path}); predicting the eval images")
+            net, heads, edges = load_fold(weights_path)
+            proba = predict_tuned(net.to(env.device), heads.to(env.device), test[2], edges, env.device, env.autocast)
+            done.update(eval=np.exp(gender_age_logp(*proba)), eval_images=eval_images)
+            save_fold(done_path, **done)
         else:
             print(f"fold {fold}: already done ({done_path})")
-            held, fold_oof, fold_eval, fold_frozen, fold_log = (done["held"], done["oof"], done["eval"], done["frozen"],
-                                                                 json.loads(str(done["log"])))  # fmt: skip
+        held, fold_oof, fold_eval, fold_frozen = done["held"], done["oof"], done["eval"], done["frozen"]
+        fold_log = json.loads(str(done["log"]))
         oof[held], frozen[held] = fold_oof, fold_frozen
-        if fold in vote_folds:
+        if votes_on_eval:
             eval_proba.append(fold_eval)
         log += fold_log
         save_csv(pd.DataFrame(log), out / "log.csv")

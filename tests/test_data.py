@@ -1,11 +1,13 @@
 """The data layer: reading the competition layout as real copies of it come, and relabel fixes."""
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import BENCH, REPO, make_layout, needs_bench, write_image
 
-from common import InputError, class_id, split_class
+from common import InputError, class_id, load_crops, split_class
 from rawdata import read_answers, read_eval, read_train
 
 PERSONS = [("000001", "female", "Asian", 45), ("001498-1", "male", "Asian", 23)]
@@ -262,3 +264,18 @@ def test_bench_eval_matches_answers():
     table, problems = read_eval(BENCH)
     answers = read_answers(BENCH / "eval" / "answers.csv")
     assert problems.rows == [] and len(table) == 2100 and set(table["image_id"]) == set(answers.index)
+
+
+def test_a_cache_resized_for_training_follows_new_crops(tmp_path):
+    """load_crops keeps the crops resized to the training size beside them; new crops with as many rows
+    (preprocess.py again with another margin, say) are resized again, not taken from the old file."""
+    pd.DataFrame(dict(image_id=["a", "b"], person_id=["1", "2"])).to_csv(tmp_path / "train.csv", index=False)
+    np.save(tmp_path / "train_u8.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    _, small = load_crops(tmp_path, "train", 4)
+    assert small.shape == (2, 4, 4, 3) and not np.asarray(small).any()
+    os.utime(tmp_path / "train_u8_4.npy", ns=(1_000_000_000, 1_000_000_000))  # made long before the new crops
+    np.save(tmp_path / "train_u8.npy", np.full((2, 8, 8, 3), 200, np.uint8))
+    _, small = load_crops(tmp_path, "train", 4)
+    assert (np.asarray(small) == 200).all()
+    _, again = load_crops(tmp_path, "train", 4)  # kept from now on
+    assert (tmp_path / "train_u8_4.npy").stat().st_mtime_ns > 1_000_000_000 and (np.asarray(again) == 200).all()

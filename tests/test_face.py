@@ -1,6 +1,6 @@
 """train_face.py: dlib's real network fine-tuned on real face crops (skimage's astronaut, turned and tinted per
 person); out of fold, a held-out person's prediction never depends on that person's labels; a rerun keeps the
-finished folds, and trains a fold again when its labels or the eval images change; the one-line errors."""
+finished folds, trains a fold again when its labels change and only predicts new eval images; the one-line errors."""
 
 import json
 
@@ -130,19 +130,32 @@ def test_a_held_out_persons_votes_never_depend_on_their_own_labels(work, tmp_pat
     assert not np.allclose(votes_with_labels_of_fold_changed(1, "trained")["gender_age"], own["gender_age"], atol=1e-3)
 
 
-def test_a_finished_fold_is_trained_again_when_its_labels_or_eval_images_change(work, tmp_path):
-    """A fold file holds the eval votes of the eval set it was trained beside: kept only for the same inputs
-    (the same --crops folder each time, as make all passes it)."""
+def test_a_finished_fold_is_trained_again_when_its_labels_change_and_predicts_new_eval_images(work, tmp_path):
+    """A fold file is kept for the same training images and labels (the same --crops folder each time, as make all
+    passes it); a new eval set is predicted by the saved network, which stays as it was, and gets the votes a
+    network trained from scratch beside it would give."""
+    import hashlib
+
     out, crops = tmp_path / "face", tmp_path / "crops"
     train_face(work, out, "--use-folds", "0", crops=crops_changed(work, crops))
     first = load(out / "eval.npz")["gender_age"]
     assert "fold 0: already done" in train_face(work, out, "--use-folds", "0", crops=crops).stdout
     crops_changed(work, crops, relabel_fold=1)  # persons fold 0 trains on, relabelled
-    assert "fold 0: already done" not in train_face(work, out, "--use-folds", "0", crops=crops).stdout
-    crops_changed(work, crops, flip_eval=True)  # labels as at first, a new eval set with the same ids
-    assert "fold 0: already done" not in train_face(work, out, "--use-folds", "0", crops=crops).stdout
+    relabelled = train_face(work, out, "--use-folds", "0", crops=crops).stdout
+    assert "fold 0: already done" not in relabelled and "trained already" not in relabelled
+    crops_changed(work, crops)  # labels as at first: trained again
+    train_face(work, out, "--use-folds", "0", crops=crops)
+    weights = hashlib.sha1((out / "fold0.pt").read_bytes()).hexdigest()
+    crops_changed(work, crops, flip_eval=True)  # a new eval set with the same ids
+    proc = train_face(work, out, "--use-folds", "0", crops=crops)
+    assert "fold 0: trained already" in proc.stdout and "predicting the eval images" in proc.stdout
+    assert "fold 0 epoch" not in proc.stderr and hashlib.sha1((out / "fold0.pt").read_bytes()).hexdigest() == weights
     assert load(out / "eval.npz")["image_id"].tolist() == ["face.jpg"]
-    assert not np.allclose(load(out / "eval.npz")["gender_age"], first, atol=1e-4)
+    new_votes = load(out / "eval.npz")["gender_age"]
+    assert not np.allclose(new_votes, first, atol=1e-4)
+    train_face(work, tmp_path / "fresh", "--use-folds", "0", crops=crops)
+    assert np.allclose(load(tmp_path / "fresh" / "eval.npz")["gender_age"], new_votes, atol=1e-6)
+    assert "fold 0: already done" in train_face(work, out, "--use-folds", "0", crops=crops).stdout
 
 
 def test_one_photo_gets_the_fold_networks_vote_as_the_eval_set_did(work, tmp_path):
@@ -193,6 +206,7 @@ def test_full_trains_one_more_network_on_every_person_and_it_alone_votes_on_the_
 
     folds_only, full = tmp_path / "folds_only", tmp_path / "full"
     train_face(work, folds_only, "--use-folds", "0", "--precision", "fp32")
+    fold0_votes = load(folds_only / "eval.npz")["gender_age"]
     proc = train_face(work, full, "--use-folds", "0", "--full", "--precision", "fp32")
     assert np.array_equal(load(full / "train.npz")["gender_age"], load(folds_only / "train.npz")["gender_age"])
     report = json.loads((full / "report.json").read_text())
@@ -208,12 +222,20 @@ def test_full_trains_one_more_network_on_every_person_and_it_alone_votes_on_the_
     chip, _ = faceembed.photo_chip(faceembed.load_models(faceembed.model_folder()), crop)
     eval_votes = load(full / "eval.npz")["gender_age"]
     assert np.abs(faceembed.tuned_vote(tuned, chip[None]) - eval_votes).max() < 1e-5
-    assert not np.allclose(eval_votes, load(folds_only / "eval.npz")["gender_age"], atol=1e-4)  # not fold 0's
+    assert not np.allclose(eval_votes, fold0_votes, atol=1e-4)  # not fold 0's
 
     (full / "eval.npz").unlink()
     again = train_face(work, full, "--use-folds", "0", "--full", "--precision", "fp32")
     assert "fold 0: already done" in again.stdout and "fold full: already done" in again.stdout
     assert np.array_equal(load(full / "eval.npz")["gender_age"], eval_votes)
+    # --full later, beside finished folds: they are kept (it changes nothing of theirs), the full one is trained
+    later = train_face(work, folds_only, "--use-folds", "0", "--full", "--precision", "fp32")
+    assert "fold 0: already done" in later.stdout and "fold full epoch 2" in later.stderr
+    assert np.array_equal(load(folds_only / "eval.npz")["gender_age"], eval_votes)
+    # and off: fold 0 trained under --full did not vote on the eval images; its saved network now does
+    back = train_face(work, full, "--use-folds", "0", "--precision", "fp32")
+    assert "fold 0: trained already" in back.stdout and "fold 0 epoch" not in back.stderr
+    assert np.allclose(load(full / "eval.npz")["gender_age"], fold0_votes, atol=1e-6)
 
 
 def test_one_line_errors(work, tmp_path):

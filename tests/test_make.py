@@ -3,10 +3,12 @@ a rerun does only what changed."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 from conftest import REPO
 
@@ -96,6 +98,28 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
     assert "inference.py" in tta and "--tta none" in tta and "ensemble.py" in tta and "train_" not in tta
     weights = plan("WEIGHTS=equal")
     assert "ensemble.py" in weights and "--weights equal" in weights and "inference.py" not in weights
+
+
+@pytest.mark.trains
+def test_a_new_eval_set_is_only_predicted(demo_data, tmp_path):
+    """New eval photos (one dropped, one replaced): the eval split is cropped again (the new photo alone), the
+    training crops, the folds and every model stay; the face networks and the models only predict."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(demo_data, data)
+    args = ("all", f"DATA={data}", f"WORK={work}", *TINY, "MODELS=single")
+    assert make(*args).returncode == 0
+    info = (data / "eval" / "info.csv").read_text().splitlines()
+    dropped, replaced = info.pop().split(",")[0], info[1].split(",")[0]
+    (data / "eval" / "info.csv").write_text("\n".join(info) + "\n")
+    (data / "eval" / "images" / dropped).rename(data / "eval" / "images" / replaced)  # another face, the same name
+    again = make(*args).stdout
+    assert "--splits eval" in again and "1 to go" in again and "--splits train" not in again
+    assert "split.py" not in again and "train_single.py" not in again
+    assert "fold full: trained already" in again and "predicting the eval images" in again
+    assert "inference.py" in again and "ensemble.py" in again and "macro_f1" in again
+    submission = pd.read_csv(work / "submission.csv")
+    assert submission["ImageID"].tolist() == [line.split(",")[0] for line in info[1:]]
+    assert make("-q", *args).returncode == 0
 
 
 def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one(tmp_path):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -112,6 +113,16 @@ def test_rerun_skips_finished_crops_and_changed_settings_redo_them(demo_data, tm
     proc = run("preprocess.py", *args)
     assert "163 crops already done, 5 to go" in proc.stdout
     assert np.array_equal(first, np.load(out / "train_u8.npy"))
+    # the same photos elsewhere: kept; a new photo under an old name: cropped again (the crop records its photo's sha1)
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    train = pd.read_csv(out / "train.csv", dtype=str)
+    replaced = Path(train.loc[0, "source"].replace(str(demo_data), str(data)))
+    replaced.write_bytes(Path(train.loc[9, "source"]).read_bytes())
+    proc = run("preprocess.py", "--data", data, *args[2:])
+    assert "167 crops already done, 1 to go" in proc.stdout
+    again = np.load(out / "train_u8.npy")
+    assert np.array_equal(again[1:], first[1:]) and np.array_equal(again[0], first[9])
     proc = run("preprocess.py", *args[:-4], "--margin", "0.3", "--bg", "none", "--splits", "train")
     assert "already done" not in proc.stdout
 
@@ -169,7 +180,7 @@ def test_odd_formats_are_read_and_broken_files_reported(tmp_path):
     index = pd.read_csv(out / "train.csv", dtype=str)
     shots = set(index.loc[index["person_id"] == "000001", "shot"])
     assert shots == {"mask1", "mask2", "mask3", "mask4"}
-    report = pd.read_csv(out / "report.csv")
+    report = pd.read_csv(out / "train_report.csv")
     bad = dict(zip(report["where"].str.split("/").str[-1], report["message"]))
     assert set(bad) == {"mask5.jpg", "normal.jpg", "incorrect_mask.jpg"}
     assert "cannot decode" in bad["mask5.jpg"] and "zero-byte" in bad["normal.jpg"]
