@@ -20,8 +20,8 @@ embedding (--embeddings). Bench, cpu preset, two seeds: rule OOF F1 0.599 -> 0.6
 frozen vote; eval gender F1 0.961 / 0.958 -> 0.9645, age F1 0.688 / 0.666 -> 0.715 / 0.698 (EXPERIMENTS.md).
 The aligned 150 px chips are cut again from the crops in the boxes embed.py recorded (landmarks, no HOG).
 A finished fold is kept (fold<k>.npz and .pt): a rerun after a kill goes on from the next; a fold made from other
-training chips or labels (relabelled persons) is trained again; new eval images are only predicted by the saved
-networks (seconds). --full (nested CV on the bench train
+training chips or labels (relabelled persons) or settings is trained again; new eval images are only predicted by
+the saved networks (seconds), and --full turned on later keeps the folds. --full (nested CV on the bench train
 split: rule OOF +0.010 over the fold networks' mean, 4 of 4 pairs; eval 0.670 -> 0.674 and 0.654 -> 0.654).
 About 1.5 min a fold of the bench set (1,040 persons, 8 epochs), 1.6 for the full one: 8.7 min in all with --full,
 on a 2-core AMD EPYC with bf16 units. Needs dlib (requirements-nodeps.txt). Uses CUDA when present.
