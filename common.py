@@ -105,6 +105,12 @@ def save_json(obj, path):
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def save_npz(path, **arrays):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # (a file object: np.savez would add .npz to the temp name)
+            np.savez(f, **arrays)
+
+
 def save_text(text, path):
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import InputError, atomic_path, load_crops, positive_int, run_main, save_json
+from common import InputError, load_crops, positive_int, run_main, save_json, save_npz
 from faceembed import GEOMETRY_BOX, embed_chips, face_chip, find_face, load_models, model_folder
 
 # ---- knobs -----------------------------------------------------------------------
@@ -101,10 +101,8 @@ def process(job):
         chips.append(face_chip(models, rgb, box))
         boxes.append(np.round(box).astype(np.int32))
     embedding = embed_chips(models, np.stack(chips), settings["jitters"])
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, rows=np.asarray(rows), embedding=embedding, face_found=found, box=np.array(boxes),
-                     settings=json.dumps(settings), source=source)  # fmt: skip
+    save_npz(dest, rows=np.asarray(rows), embedding=embedding, face_found=found, box=np.array(boxes),
+             settings=json.dumps(settings), source=source)  # fmt: skip
     return len(rows)
 
 
@@ -189,11 +187,9 @@ def embed_split(split, args, models, pool):
     # ---- one file per split, then the chunks go ----
     ordered = [parts[k] for k in sorted(parts)]
     found = np.concatenate([p["face_found"] for p in ordered])
-    with atomic_path(out / f"{split}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, image_id=ids, embedding=np.concatenate([p["embedding"] for p in ordered]), face_found=found,
-                     box=np.concatenate([p["box"] for p in ordered]), settings=json.dumps(settings),
-                     sources=np.array(sources))  # fmt: skip
+    save_npz(out / f"{split}.npz", image_id=ids, embedding=np.concatenate([p["embedding"] for p in ordered]),
+             face_found=found, box=np.concatenate([p["box"] for p in ordered]), settings=json.dumps(settings),
+             sources=np.array(sources))  # fmt: skip
     for _, job in todo:
         Path(job[2]).unlink(missing_ok=True)
     for k in parts:

@@ -4,7 +4,7 @@ pass to each other, and the plots people look at (training curves, confusion mat
 import numpy as np
 import pandas as pd
 
-from common import AGE_BANDS, GENDERS, MASK_STATES, TASKS, atomic_path, class_name, save_figure, split_class
+from common import AGE_BANDS, GENDERS, MASK_STATES, TASKS, class_name, save_figure, save_npz, split_class
 
 
 def macro_f1(labels, pred, n_classes=18):
@@ -46,9 +46,7 @@ def save_logprobs(path, image_ids, views, labels=None):
     arrays = {f"logp_{k}": v.astype(np.float32) for k, v in views.items()}
     if labels is not None:
         arrays["label"] = np.asarray(labels)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, image_id=np.asarray(image_ids, dtype=str), **arrays)
+    save_npz(path, image_id=np.asarray(image_ids, dtype=str), **arrays)
 
 
 def load_logprobs(path):

@@ -21,7 +21,7 @@ import zipfile
 import numpy as np
 from scipy.special import log_softmax, logsumexp, softmax
 
-from common import InputError, atomic_path
+from common import InputError, save_npz
 
 GENDER_AGE = 6  # the stacked target: gender * 3 + age_band, the 18-class label modulo 6
 C = 0.03  # the logistic regression's inverse regularisation, chosen out of fold on the bench train split
@@ -62,10 +62,8 @@ def floored(proba, classes):
 def save_stacker(path, model, weight, **info):
     """fit()'s model as plain arrays (no pickle to trust), its vote's weight, and `info` (numbers, strings)."""
     scaler, regression = model[0], model[-1]
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, mean=scaler.mean_, scale=scaler.scale_, coef=regression.coef_,
-                     intercept=regression.intercept_, classes=regression.classes_, weight=weight, **info)  # fmt: skip
+    save_npz(path, mean=scaler.mean_, scale=scaler.scale_, coef=regression.coef_, intercept=regression.intercept_,
+             classes=regression.classes_, weight=weight, **info)  # fmt: skip
 
 
 def load_stacker(path):

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError, atomic_path, load_crops, make_env, run_main, save_csv, save_figure, save_json
+from common import InputError, atomic_path, load_crops, make_env, run_main, save_csv, save_figure, save_json, save_npz
 from dlibnet import chips_to_tensor
 from faceembed import bands, face_chip, gender_age_logp, load_fold, load_models, model_folder, predict_tuned
 
@@ -223,12 +223,6 @@ def finished_fold(path, settings, image_ids, trained_on):
         return None
 
 
-def save_fold(path, **arrays):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
 def write_curves(log, path):
     import matplotlib.pyplot as plt
 
@@ -315,14 +309,14 @@ def main():
             done = dict(held=held, image_id=index["image_id"].to_numpy(str)[held], oof=fold_oof, eval=fold_eval,
                         eval_images=eval_images if votes_on_eval else "", frozen=fold_frozen, log=json.dumps(fold_log),
                         settings=json.dumps(settings), trained_on=trained_on)  # fmt: skip
-            save_fold(done_path, **done)
+            save_npz(done_path, **done)
         elif votes_on_eval and str(done["eval_images"]) != eval_images:
             # trained already, on the same persons: only the eval images are new (or it did not vote before)
             print(f"fold {fold}: trained already ({weights_path}); predicting the eval images")
             net, heads, edges = load_fold(weights_path)
             proba = predict_tuned(net.to(env.device), heads.to(env.device), test[2], edges, env.device, env.autocast)
             done.update(eval=np.exp(gender_age_logp(*proba)), eval_images=eval_images)
-            save_fold(done_path, **done)
+            save_npz(done_path, **done)
         else:
             print(f"fold {fold}: already done ({done_path})")
         held, fold_oof, fold_eval, fold_frozen = done["held"], done["oof"], done["eval"], done["frozen"]
@@ -344,13 +338,10 @@ def main():
                                   frozen=scores(target[covered], frozen[covered])),
                   seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     save_json(report, out / "report.json")
-    with atomic_path(out / "train.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, image_id=index["image_id"].to_numpy(str)[covered], gender_age=oof[covered])
+    save_npz(out / "train.npz", image_id=index["image_id"].to_numpy(str)[covered], gender_age=oof[covered])
     # eval last: its file says the stage finished
-    with atomic_path(out / "eval.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, image_id=test[0]["image_id"].to_numpy(str), gender_age=np.log(np.mean(eval_proba, axis=0)))
+    eval_ids = test[0]["image_id"].to_numpy(str)
+    save_npz(out / "eval.npz", image_id=eval_ids, gender_age=np.log(np.mean(eval_proba, axis=0)))
     print(
         f"unmasked shots, out of fold: tuned {report['unmasked_shots']['tuned']}\n"
         f"                            frozen {report['unmasked_shots']['frozen']}\nwrote {out}"
