@@ -102,7 +102,7 @@ space := $(empty) $(empty)
 # the models inference averages: the folds', and with FULL=1 the one trained on every person
 MODEL_FOLDS := $(FOLDS) $(if $(filter 1,$(FULL)),full)
 
-.PHONY: help install test test-fast lint demo all serve bench clean
+.PHONY: help install test test-fast lint demo all serve bench clean FORCE
 .DELETE_ON_ERROR:
 
 help:
@@ -183,12 +183,18 @@ $(eval $(call record,$(WORK)/face_flags.txt,$(face_flags)))
 endif
 
 # ---- 1. crops, a split at a time (its index, train.csv or eval.csv, is written last: its presence means the split
-# is done; a rerun redoes only photos that are new or changed, or whose settings changed). New eval photos redo the
-# eval split alone: no model trains again, the models and the face networks only predict them
-$(WORK)/crops/train.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/train/train.csv $(DATA)/train/images) | $(STAMP)
+# is done; a rerun redoes only photos that are new or changed, or whose settings changed). New or changed eval
+# photos redo the eval split alone: no model trains again, the models and the face networks only predict them.
+# A photo written over in place leaves its folder's date as it was: `changed` (a photo newer than the split's index,
+# hidden junk aside) makes its split out of date (a training photo: the models train again, as for any new data)
+changed = $(if $(wildcard $(2)),$(if $(shell find $(1) -type f ! -name '.*' -newer $(2) -print -quit 2>/dev/null),FORCE))
+$(WORK)/crops/train.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/train/train.csv $(DATA)/train/images) \
+		$(call changed,$(DATA)/train/images,$(WORK)/crops/train.csv) | $(STAMP)
 	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --splits train --workers $(WORKERS) --preview 16 $(prep_flags)
-$(WORK)/crops/eval.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/eval/info.csv $(DATA)/eval/images) | $(STAMP)
+$(WORK)/crops/eval.csv: $(WORK)/preprocess_flags.txt $(wildcard $(DATA)/eval/info.csv $(DATA)/eval/images) \
+		$(call changed,$(DATA)/eval/images,$(WORK)/crops/eval.csv) | $(STAMP)
 	$(PY) preprocess.py --data $(DATA) --out $(WORK)/crops --splits eval --workers $(WORKERS) $(prep_flags)
+FORCE:
 
 # ---- 2. folds
 $(WORK)/folds.csv: $(WORK)/crops/train.csv

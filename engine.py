@@ -525,7 +525,8 @@ class FoldLog:
         )
         save_json(metrics, self.dir / "metrics.json")
         if self.best:
-            plot_confusions(self.best.views, self.best.true, self.dir / "confusion.png", f"fold {self.fold}")
+            pred, true_label = self.best.views["label"].argmax(-1), self.best.true["label"]
+            plot_confusions(pred, true_label, self.dir / "confusion.png", f"fold {self.fold}")
         if self.board:
             self.board.close()
         return metrics

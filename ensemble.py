@@ -17,7 +17,9 @@ shot each image was grouped with. --face does the same with train_face.py's fine
 out of fold already). The best of those tried is applied if it beats the rule without it, out of fold, and
 knows more of gender and age than their shares do (positive nats: a vote surer than it is right is left out).
 Writes OUT (ImageID,ans), OUT with .json (the report), and beside it _logits.npz and _oof.csv: the rule's
-decision for every training image, out of fold (what train_*.py --pseudo reads); with --embeddings,
+decision for every training image, out of fold (what train_*.py --pseudo reads), and _oof_confusion.png: those
+decisions against the training labels, class by class; with --answers, the submission's per-class table (printed,
+and in the report) and _confusion.png; with --embeddings,
 _embedding.npz: the image way's stacker fitted on every training image, applied or not, with its out-of-fold F1
 (what inference.py --image --embedding reads); with --face it names the fine-tuned networks where their image way
 beat the regression's, and one photo gets their vote. Seconds to a minute.
@@ -34,7 +36,7 @@ import faceembed
 import stacking
 from common import InputError, class_id, run_main, save_csv, save_json, split_class
 from rawdata import read_answers
-from scores import load_logprobs, macro_f1, save_logprobs, score_line, scores
+from scores import load_logprobs, macro_f1, per_class_table, plot_confusions, save_logprobs, score_line, scores
 from shots import grouped, oof_groups, person_images, person_of, shot_groups
 
 VIEWS = ("label", "mask", "gender", "age")
@@ -367,6 +369,8 @@ def main():
                   + ("applied" if applied else "not applied"))  # fmt: skip
         # the rule's decision for every training image, made without it: a second round's labels (--pseudo)
         save_csv(pd.DataFrame(dict(ImageID=oof_ids, ans=oof_pred)), out.with_name(out.stem + "_oof.csv"))
+        # what to expect on new photos, class by class: the decisions above against the training labels
+        plot_confusions(oof_pred, labels, out.with_name(out.stem + "_oof_confusion.png"), "out of fold")
     else:
         stack = None
         for flag, name in ((args.group_shots, "group shots"), (args.embeddings or args.face, "face votes")):
@@ -414,6 +418,10 @@ def main():
         if args.per_task or offsets is not None:  # score what was submitted
             shown["label"] = np.log(np.eye(18)[pred] + 1e-12)
         report["test"] = scores(shown, true)
+        table = per_class_table(pred, label)
+        print(table.to_string(index=False))
+        report["test_per_class"] = table.to_dict("records")
+        plot_confusions(pred, label, out.with_name(out.stem + "_confusion.png"), "eval")
     save_json(report, out.with_suffix(".json"))
     print(f"wrote {out}, {out.with_suffix('.json')}")
     if args.answers:

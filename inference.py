@@ -171,11 +171,11 @@ def main():
         print(f"wrote {run / 'embed.png'}")
     if true:
         s = scores(views, true)
-        table = per_class_table(views, true)
+        table = per_class_table(pred, label)
         print(table.to_string(index=False))
         save_json(dict(s, tta=args.tta, folds=[m.name for m in models], per_class=table.to_dict("records")),
                   run / "scores.json")  # fmt: skip
-        plot_confusions(views, true, run / "test_confusion.png", "eval")
+        plot_confusions(pred, label, run / "test_confusion.png", "eval")
         print(score_line(s))
 
 

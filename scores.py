@@ -25,11 +25,11 @@ def scores(views, true):
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
-def per_class_table(views, true):
+def per_class_table(pred, true_label):
+    """Precision, recall, F1 and support of each of the 18 classes, for the decisions `pred`."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    pred = views["label"].argmax(-1)
-    p, r, f, n = precision_recall_fscore_support(true["label"], pred, labels=range(18), zero_division=0)
+    p, r, f, n = precision_recall_fscore_support(true_label, pred, labels=range(18), zero_division=0)
     return pd.DataFrame(dict(cls=range(18), name=[class_name(c) for c in range(18)], precision=p.round(3),
                              recall=r.round(3), f1=f.round(3), support=n))  # fmt: skip
 
@@ -76,26 +76,26 @@ def plot_curves(log, path):
     save_figure(fig, path)
 
 
-def plot_confusions(views, true, path, title=""):
-    """18-class confusion matrix and one per task, in one PNG."""
+def plot_confusions(pred, true_label, path, title=""):
+    """18-class confusion matrix of the decisions `pred` and one per task, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    pred = views["label"].argmax(-1)
     fig = plt.figure(figsize=(12, 7))
-    ax = fig.add_axes([0.05, 0.08, 0.55, 0.84])
+    ax = fig.add_axes([0.14, 0.08, 0.50, 0.84])
     ConfusionMatrixDisplay.from_predictions(
-        true["label"], pred, labels=range(18), ax=ax, colorbar=False, text_kw={"fontsize": 6}
+        true_label, pred, labels=range(18), ax=ax, colorbar=False, text_kw={"fontsize": 6}
     )
+    ax.set_yticks(range(18), [f"{class_name(c)} {c}" for c in range(18)], fontsize=7)
     ax.set_title(f"{title} 18 classes (row: true)")
     names = dict(mask=MASK_STATES, gender=GENDERS, age=AGE_BANDS)
     for k, t in enumerate(("mask", "gender", "age")):
         ax = fig.add_axes([0.70, 0.70 - 0.31 * k, 0.26, 0.22])
         ConfusionMatrixDisplay.from_predictions(
-            true[t], split_class(pred)[k], labels=range(TASKS[t]), display_labels=names[t], ax=ax,
+            split_class(true_label)[k], split_class(pred)[k], labels=range(TASKS[t]), display_labels=names[t], ax=ax,
             colorbar=False, text_kw={"fontsize": 7},
         )  # fmt: skip
         ax.set_title(t, fontsize=9)

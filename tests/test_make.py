@@ -102,8 +102,9 @@ def test_kill_each_stage_then_rerun_gives_the_same_submission(demo_data, tmp_pat
 
 @pytest.mark.trains
 def test_a_new_eval_set_is_only_predicted(demo_data, tmp_path):
-    """New eval photos (one dropped, one replaced): the eval split is cropped again (the new photo alone), the
-    training crops, the folds and every model stay; the face networks and the models only predict."""
+    """New eval photos (one dropped, one replaced, then one written over in place): the eval split is cropped again
+    (the new photo alone), the training crops, the folds and every model stay; the face networks and the models only
+    predict. A training photo written over in place makes every model train again."""
     data, work = tmp_path / "data", tmp_path / "work"
     shutil.copytree(demo_data, data)
     args = ("all", f"DATA={data}", f"WORK={work}", *TINY, "MODELS=single")
@@ -120,6 +121,20 @@ def test_a_new_eval_set_is_only_predicted(demo_data, tmp_path):
     submission = pd.read_csv(work / "submission.csv")
     assert submission["ImageID"].tolist() == [line.split(",")[0] for line in info[1:]]
     assert make("-q", *args).returncode == 0
+    # a photo written over in place (its folder's date stays): seen, cropped again, predicted; nothing trains
+    images = data / "eval" / "images"
+    folder_date = images.stat().st_mtime_ns
+    overwritten = info[2].split(",")[0]
+    (images / overwritten).write_bytes((images / info[3].split(",")[0]).read_bytes())
+    assert images.stat().st_mtime_ns == folder_date and make("-q", *args, check=False).returncode == 1
+    again = make(*args).stdout
+    assert "1 to go" in again and "--splits train" not in again and "train_single.py" not in again
+    assert "ensemble.py" in again and make("-q", *args).returncode == 0
+    # a training photo written over in place: new training data, so the plan crops it and trains again
+    photo = next((data / "train" / "images").glob("*/normal.*"))
+    photo.write_bytes(photo.read_bytes())
+    plan = make("-n", *args).stdout
+    assert "--splits train" in plan and "split.py" in plan and "train_single.py" in plan
 
 
 def test_epochs_on_the_command_line_set_every_model_also_where_a_preset_sets_one(tmp_path):

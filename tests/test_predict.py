@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import last_line, run
+from sklearn.metrics import f1_score
 
 from common import split_class
 from ensemble import offsets_cv
@@ -117,6 +118,17 @@ def test_answers_score_line_and_adjust_report(members, tmp_path):
     rep = report(out)
     assert {"oof_f1_without", "oof_f1_with_cross_validated", "applied"} <= set(rep["adjust"])
     assert "opt_note" in rep and set(rep["test_members"]) == {"a", "b"}
+    # the submission's own per-class table: its F1s are the submitted answers' against the truth
+    submitted = pd.read_csv(out)["ans"].to_numpy()
+    truth = np.arange(len(ids)) % 18
+    per_class = pd.DataFrame(rep["test_per_class"])
+    assert per_class["support"].tolist() == np.bincount(truth, minlength=18).tolist()
+    f1 = f1_score(truth, submitted, labels=range(18), average=None, zero_division=0)
+    assert np.allclose(per_class["f1"], f1.round(3)) and per_class["f1"].mean() == pytest.approx(
+        rep["test"]["macro_f1"], abs=2e-3
+    )
+    assert "precision" in proc.stdout and (tmp_path / "sub_confusion.png").stat().st_size > 10_000
+    assert (tmp_path / "sub_oof_confusion.png").stat().st_size > 10_000
 
 
 def test_adjust_shares_one_offset_per_age_band_and_fixes_an_age_bias(tmp_path):
