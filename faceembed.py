@@ -128,7 +128,7 @@ def gender_age_logp(gender, age):
 
 
 def predict_tuned(net, heads, chips, edges, device="cpu", autocast=contextlib.nullcontext, batch=128):
-    """(n, 2) gender and (n, 3) age-band probabilities of (n, 150, 150, 3) chips, float64."""
+    """(n, 6) gender * 3 + age band log-probabilities of (n, 150, 150, 3) chips, float64 (what every vote reads)."""
     import torch
     import torch.nn.functional as F
 
@@ -142,7 +142,7 @@ def predict_tuned(net, heads, chips, edges, device="cpu", autocast=contextlib.nu
             with autocast():
                 e = net(x).float()
             gender.append(F.softmax(heads["gender"](e), 1).cpu()), age.append(F.softmax(heads["age"](e), 1).cpu())
-    return torch.cat(gender).double().numpy(), bands(torch.cat(age).double().numpy(), edges)
+    return gender_age_logp(torch.cat(gender).double().numpy(), bands(torch.cat(age).double().numpy(), edges))
 
 
 def load_tuned(folder):
@@ -180,5 +180,5 @@ def load_fold(path):
 def tuned_vote(tuned, chips):
     """(n, 6) gender-age log-probabilities of chips: the voting networks' mean probability, as train_face.py's
     eval.npz holds for the eval images."""
-    proba = [np.exp(gender_age_logp(*predict_tuned(net, heads, chips, edges))) for net, heads, edges in tuned]
+    proba = [np.exp(predict_tuned(net, heads, chips, edges)) for net, heads, edges in tuned]
     return np.log(np.mean(proba, axis=0))

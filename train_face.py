@@ -183,15 +183,15 @@ def train_fold(fold, args, base, train, test, env):
             total += loss.item()
         log.append(dict(fold=fold, epoch=epoch, train_loss=round(total / steps_per_epoch, 4)))
         if len(val):  # (fold "full" holds no one out)
-            pg, pa = predict_tuned(net, heads, chips[val], edges, env.device, env.autocast)
-            log[-1].update(scores(gender[val] * 3 + index["age_band"].to_numpy()[val], gender_age_logp(pg, pa)))
+            val_logp = predict_tuned(net, heads, chips[val], edges, env.device, env.autocast)
+            log[-1].update(scores(gender[val] * 3 + index["age_band"].to_numpy()[val], val_logp))
         log[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         print(log[-1], flush=True)
     oof, eval_proba = np.empty((0, 6)), np.empty((0, 6))
     if len(held):
-        oof = gender_age_logp(*predict_tuned(net, heads, chips[held], edges, env.device, env.autocast))
+        oof = predict_tuned(net, heads, chips[held], edges, env.device, env.autocast)
     if test is not None:
-        eval_proba = np.exp(gender_age_logp(*predict_tuned(net, heads, test[2], edges, env.device, env.autocast)))
+        eval_proba = np.exp(predict_tuned(net, heads, test[2], edges, env.device, env.autocast))
     weights = dict(net=net.state_dict(), heads=heads.state_dict(), age_edges=torch.tensor(edges, dtype=torch.float64))
     return held, oof, eval_proba, frozen, log, weights
 
@@ -314,8 +314,8 @@ def main():
             # trained already, on the same persons: only the eval images are new (or it did not vote before)
             print(f"fold {fold}: trained already ({weights_path}); predicting the eval images")
             net, heads, edges = load_fold(weights_path)
-            proba = predict_tuned(net.to(env.device), heads.to(env.device), test[2], edges, env.device, env.autocast)
-            done.update(eval=np.exp(gender_age_logp(*proba)), eval_images=eval_images)
+            logp = predict_tuned(net.to(env.device), heads.to(env.device), test[2], edges, env.device, env.autocast)
+            done.update(eval=np.exp(logp), eval_images=eval_images)
             save_npz(done_path, **done)
         else:
             print(f"fold {fold}: already done ({done_path})")
